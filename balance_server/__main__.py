@@ -1,0 +1,3 @@
+from balance_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Database adapters: pools, the serializable-retry helper, migrations, the embedded server."""

@@ -1,0 +1,135 @@
+"""Connection pools and the one way into a money transaction: `Database.serializable`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import errors as pg_errors
+
+from balance_server import limits
+from balance_server.db import sql
+from balance_server.errors import BalanceLimitExceeded, DatabaseUnavailable, RetriesExhausted
+from balance_server.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Work = Callable[[psycopg.AsyncConnection[object]], Awaitable[T]]
+
+# The only errors after which a money operation is run again: the database rolled the whole
+# transaction back, so running it again cannot apply anything twice.
+_RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+
+
+async def _configure_writer(connection: psycopg.AsyncConnection[object]) -> None:
+    # Autocommit with SERIALIZABLE as the session's default: a money operation is one function
+    # call, so one statement is one serializable transaction and one round trip.
+    await connection.set_autocommit(True)
+    await connection.execute("SET default_transaction_isolation = 'serializable'")
+
+
+async def _configure_reader(connection: psycopg.AsyncConnection[object]) -> None:
+    # Each read is one statement, so it sees one consistent snapshot. Reads stay out of
+    # SERIALIZABLE so their predicate locks never make a money operation retry.
+    await connection.set_autocommit(True)
+    await connection.execute("SET default_transaction_read_only = on")
+
+
+class Database:
+    """The service's two pools: one for money operations, one for reads."""
+
+    def __init__(self, dsn: str, settings: Settings) -> None:
+        self.dsn = dsn
+        self.writer = psycopg_pool.AsyncConnectionPool(
+            dsn,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            timeout=limits.POOL_WAIT_SECONDS_MAX,
+            configure=_configure_writer,
+            open=False,
+            name="writer",
+        )
+        self.reader = psycopg_pool.AsyncConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=settings.read_pool_max_size,
+            timeout=limits.POOL_WAIT_SECONDS_MAX,
+            configure=_configure_reader,
+            open=False,
+            name="reader",
+        )
+
+    reachable = True
+    """False while the health watcher finds the database down: calls then fail at once with
+    UNAVAILABLE instead of waiting for a connection until their deadline."""
+
+    async def ping(self, *, timeout_seconds: float) -> bool:
+        """Whether the database answers on a fresh connection (pool connections may be stale)."""
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                connection = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=max(1, int(timeout_seconds)))
+                async with connection:
+                    await connection.execute(sql.PING)
+        except (psycopg.Error, OSError, TimeoutError):
+            self.reachable = False
+            return False
+        self.reachable = True
+        return True
+
+    async def open(self) -> None:
+        await self.writer.open(wait=True, timeout=limits.POOL_WAIT_SECONDS_MAX)
+        await self.reader.open(wait=True, timeout=limits.POOL_WAIT_SECONDS_MAX)
+
+    async def close(self) -> None:
+        await self.reader.close()
+        await self.writer.close()
+
+    async def serializable(self, work: Work[T], *, deadline: float | None) -> T:
+        """Runs `work` (one serializable transaction) again after serialization failures and
+        deadlocks, with capped, jittered exponential backoff, until it commits, the attempts run
+        out or `deadline` (a time.monotonic() value) would pass; then RetriesExhausted."""
+        for attempt in range(1, limits.RETRY_ATTEMPTS_MAX + 1):
+            try:
+                return await self._run(self.writer, work)
+            except _RETRYABLE as conflict:
+                delay = _backoff_seconds(attempt)
+                out_of_time = deadline is not None and time.monotonic() + delay >= deadline
+                if attempt == limits.RETRY_ATTEMPTS_MAX or out_of_time:
+                    _log.warning("serialization conflicts after %d attempts: %s", attempt, conflict.sqlstate)
+                    raise RetriesExhausted(
+                        f"the operation conflicted with concurrent ones {attempt} times; nothing was applied",
+                        metadata={"attempts": str(attempt)},
+                    ) from conflict
+                # Sleeping with the connection back in the pool: others can use it meanwhile.
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def read(self, work: Work[T]) -> T:
+        return await self._run(self.reader, work)
+
+    async def _run(self, pool: psycopg_pool.AsyncConnectionPool, work: Work[T]) -> T:
+        if not self.reachable:
+            raise DatabaseUnavailable("the database is unavailable; retry later")
+        try:
+            async with pool.connection() as connection:
+                return await work(connection)
+        except _RETRYABLE:
+            raise
+        except pg_errors.NumericValueOutOfRange as overflow:
+            raise BalanceLimitExceeded("the operation would take a balance beyond what the ledger can hold") from overflow
+        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as unreachable:
+            _log.warning("database unavailable: %s", type(unreachable).__name__)
+            raise DatabaseUnavailable("the database is unavailable; retry later") from unreachable
+
+
+def _backoff_seconds(attempt: int) -> float:
+    """Full jitter: a random delay up to an exponentially growing, capped ceiling."""
+    ceiling_ms = min(limits.RETRY_DELAY_MS_MAX, limits.RETRY_DELAY_MS_BASE * 2**attempt)
+    return random.uniform(ceiling_ms / 2, ceiling_ms) / 1000

@@ -1,0 +1,74 @@
+"""Every SQL statement of the service, as constants: values are always bound parameters."""
+
+from __future__ import annotations
+
+from typing import Final, LiteralString
+
+# Money operations: one function call each (see migrations/0003_operations.sql). They return one
+# operation_result row.
+DEPOSIT: Final = "SELECT * FROM balance_deposit(%s, %s, %s, %s, %s)"
+WITHDRAW: Final = "SELECT * FROM balance_withdraw(%s, %s, %s, %s, %s)"
+TRANSFER: Final = "SELECT * FROM balance_transfer(%s, %s, %s, %s, %s, %s)"
+RESERVE: Final = "SELECT * FROM balance_reserve(%s, %s, %s, %s, %s, %s)"
+RELEASE_RESERVE: Final = "SELECT * FROM balance_release_reserve(%s)"
+RECOGNIZE_REVENUE: Final = "SELECT * FROM balance_recognize_revenue(%s, %s, %s, %s::numeric)"
+
+CURRENCIES: Final = "SELECT code, minor_digits FROM currencies"
+
+ACCOUNTS_OF_USER: Final = """
+    SELECT user_id, kind, currency, balance, updated_at FROM accounts
+    WHERE user_id = %(user_id)s AND (%(currency)s::text IS NULL OR currency = %(currency)s)
+    ORDER BY currency, kind
+"""
+
+USER_HAS_ACCOUNTS: Final = "SELECT EXISTS (SELECT FROM accounts WHERE user_id = %s)"
+
+TRANSACTION_COLUMNS: Final = """transaction_id, kind, amount, currency, created_at, description,
+    from_user_id, to_user_id, order_id, service_id, idempotency_key"""
+
+TRANSACTION_BY_ID: Final = "SELECT " + TRANSACTION_COLUMNS + " FROM transactions WHERE transaction_id = %s"
+
+ORDER_BY_ID: Final = """
+    SELECT order_id, user_id, service_id, service_name, currency, status, reserved_amount,
+           captured_amount, released_amount, created_at, updated_at
+    FROM orders WHERE order_id = %s
+"""
+
+
+def _history_side(
+    side: LiteralString, sort_column: LiteralString, direction: LiteralString, comparison: LiteralString
+) -> LiteralString:
+    return (
+        "(SELECT " + TRANSACTION_COLUMNS + " FROM transactions"
+        " WHERE " + side + " = %(user_id)s"
+        " AND created_at >= %(from_time)s AND created_at < %(to_time)s"
+        " AND kind = ANY(%(kinds)s)"
+        " AND (" + sort_column + ", transaction_id) " + comparison + " (%(after_value)s, %(after_id)s)"
+        " ORDER BY " + sort_column + " " + direction + ", transaction_id " + direction + " LIMIT %(limit)s)"
+    )
+
+
+def _history_page(sort_column: LiteralString, direction: LiteralString, comparison: LiteralString) -> LiteralString:
+    """A page of a user's history in one sort: each side of the user's transactions is an ordered
+    index scan from the keyset position, and the two are merged; UNION drops the duplicates of
+    transactions where the user is both sides (reserves, releases)."""
+    return (
+        "SELECT * FROM ("
+        + _history_side("from_user_id", sort_column, direction, comparison)
+        + " UNION "
+        + _history_side("to_user_id", sort_column, direction, comparison)
+        + ") AS page ORDER BY " + sort_column + " " + direction + ", transaction_id " + direction
+        + " LIMIT %(limit)s"
+    )
+
+
+HISTORY_BY_DATE_DESC: Final = _history_page("created_at", "DESC", "<")
+HISTORY_BY_DATE_ASC: Final = _history_page("created_at", "ASC", ">")
+HISTORY_BY_AMOUNT_DESC: Final = _history_page("amount", "DESC", "<")
+HISTORY_BY_AMOUNT_ASC: Final = _history_page("amount", "ASC", ">")
+
+DELETE_EXPIRED_IDEMPOTENCY_KEYS: Final = """
+    DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(days => %s)
+"""
+
+PING: Final = "SELECT 1"

@@ -1,0 +1,38 @@
+"""Every limit of the service, named with its unit last. Tests exercise each one at its edge."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Amounts.
+AMOUNT_MINOR_UNITS_MAX: Final = 10**15
+"""The largest amount of one operation, in minor units (10 trillion USD)."""
+AMOUNT_TEXT_LENGTH_MAX: Final = 40
+"""Longest amount string accepted before parsing: more digits than any valid amount has."""
+
+# Free text given by callers.
+IDEMPOTENCY_KEY_LENGTH_MAX: Final = 128
+MEMO_LENGTH_MAX: Final = 500
+"""Deposit source, withdrawal destination and transfer comment, in characters."""
+SERVICE_NAME_LENGTH_MAX: Final = 200
+TRANSACTION_ID_LENGTH_MAX: Final = 64
+
+# Listing.
+PAGE_SIZE_DEFAULT: Final = 50
+PAGE_SIZE_MAX: Final = 1000
+PAGE_TOKEN_LENGTH_MAX: Final = 512
+TRANSACTION_KINDS_FILTER_MAX: Final = 16
+
+# Serializable transactions.
+RETRY_ATTEMPTS_MAX: Final = 12
+"""Attempts of one money operation before the caller gets ABORTED."""
+RETRY_DELAY_MS_BASE: Final = 2
+RETRY_DELAY_MS_MAX: Final = 200
+
+# Transport.
+MESSAGE_BYTES_MAX: Final = 1024 * 1024
+"""Largest request and response message."""
+CALLS_IN_FLIGHT_MAX: Final = 512
+"""Calls served at once; the next one is refused with RESOURCE_EXHAUSTED instead of queueing."""
+POOL_WAIT_SECONDS_MAX: Final = 5.0
+"""How long a call waits for a database connection before it fails with UNAVAILABLE."""

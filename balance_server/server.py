@@ -1,0 +1,224 @@
+"""Builds and runs the server. Start-up in order: settings, database, migrations, services, health,
+serve; on SIGTERM or SIGINT the reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import psycopg
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from balance.v1 import info_service_pb2, info_service_pb2_grpc, report_service_pb2, report_service_pb2_grpc
+from balance.v1 import transaction_service_pb2, transaction_service_pb2_grpc
+from balance_server import ledger, limits
+from balance_server.db import migrations
+from balance_server.db.database import Database
+from balance_server.db.embedded import EmbeddedPostgres
+from balance_server.money import Currencies
+from balance_server.servicers.edge import CallGate
+from balance_server.servicers.info import InfoServicer
+from balance_server.servicers.reports import ReportServicer
+from balance_server.servicers.transactions import TransactionServicer
+from balance_server.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    info_service_pb2.DESCRIPTOR.services_by_name["InfoService"].full_name,
+    transaction_service_pb2.DESCRIPTOR.services_by_name["TransactionService"].full_name,
+    report_service_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
+)
+_WORKER_ENVIRONMENT_FLAG = "BALANCE_INTERNAL_WORKER"
+
+
+@dataclass
+class Running:
+    """A started server and what it owns, for tests and for shutdown."""
+
+    server: aio.Server
+    port: int
+    database: Database
+    health: health.aio.HealthServicer
+    gate: CallGate
+    background: list[asyncio.Task[None]]
+
+    async def stop(self, grace_seconds: float) -> None:
+        # Health first, so load balancers stop sending calls; then refuse new calls and let
+        # in-flight ones finish within the grace period; then close the pools.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_seconds)
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await self.database.close()
+
+
+@contextlib.asynccontextmanager
+async def database_dsn(settings: Settings) -> AsyncIterator[str]:
+    """The configured DSN, or an embedded PostgreSQL's for as long as the context lasts."""
+    if settings.dsn is not None:
+        yield settings.dsn
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    dsn = await asyncio.to_thread(embedded.start)
+    print(f"balance-server: embedded PostgreSQL with its data in {embedded.data_dir}", file=sys.stderr, flush=True)
+    try:
+        yield dsn
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
+async def wait_for_database(dsn: str, settings: Settings) -> None:
+    """Bounded waiting for the database at start-up (it may still be starting)."""
+    for attempt in range(1, settings.db_connect_attempts + 1):
+        try:
+            connection = await psycopg.AsyncConnection.connect(dsn, connect_timeout=5)
+            await connection.close()
+            return
+        except psycopg.OperationalError as error:
+            if attempt == settings.db_connect_attempts:
+                raise SystemExit(f"balance-server: the database is unreachable after {attempt} attempts: {error}") from error
+            _log.warning("database not reachable yet (attempt %d of %d)", attempt, settings.db_connect_attempts)
+            await asyncio.sleep(settings.db_connect_interval_seconds)
+
+
+async def start(settings: Settings, dsn: str, *, reuse_port: bool = False) -> Running:
+    """Connects, builds and starts the server on settings.listen; the caller stops it."""
+    database = Database(dsn, settings)
+    await database.open()
+    currencies = Currencies(await ledger.load_currencies(database), settings.default_currency)
+    gate = CallGate()
+    server = aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", limits.MESSAGE_BYTES_MAX),
+            # Off unless workers share the port on purpose: two servers started by mistake on
+            # one port must not split the traffic silently.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ],
+    )
+    info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(database, currencies, gate), server)
+    transaction_service_pb2_grpc.add_TransactionServiceServicer_to_server(
+        TransactionServicer(database, currencies, gate), server
+    )
+    report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(database, currencies, gate), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        await database.close()
+        raise SystemExit(f"balance-server: cannot listen on {settings.listen}")
+    await server.start()
+    await _set_health(health_servicer, serving=True)
+    background = [asyncio.create_task(_watch_database(database, health_servicer, settings))]
+    if settings.idempotency_key_retention_days > 0:
+        background.append(asyncio.create_task(_expire_idempotency_keys(database, settings)))
+    return Running(server, port, database, health_servicer, gate, background)
+
+
+async def serve(settings: Settings) -> int:
+    reuse_port = os.environ.get(_WORKER_ENVIRONMENT_FLAG) == "1"
+    async with database_dsn(settings) as dsn:
+        await wait_for_database(dsn, settings)
+        if not reuse_port:
+            await _migrate(dsn)
+        running = await start(settings, dsn, reuse_port=reuse_port)
+        host = settings.listen.rsplit(":", 1)[0]
+        print(f"balance-server: serving gRPC on {host}:{running.port} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, stopping.set)
+        await stopping.wait()
+        _log.info("stopping: in-flight calls get %.1f s", settings.shutdown_grace_seconds)
+        await running.stop(settings.shutdown_grace_seconds)
+    return 0
+
+
+def serve_workers(settings: Settings) -> int:
+    """N server processes on one port (SO_REUSEPORT); this process owns the database and migrations."""
+
+    async def prepare_and_run() -> int:
+        async with database_dsn(settings) as dsn:
+            await wait_for_database(dsn, settings)
+            await _migrate(dsn)
+            environment = {**os.environ, _WORKER_ENVIRONMENT_FLAG: "1", "BALANCE_DSN": dsn, "BALANCE_WORKERS": "1"}
+            workers = [
+                subprocess.Popen([sys.executable, "-m", "balance_server", "serve"], env=environment)
+                for _ in range(settings.workers)
+            ]
+            stopping = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signal_number in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signal_number, stopping.set)
+            while not stopping.is_set() and all(worker.poll() is None for worker in workers):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), timeout=0.5)
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + settings.shutdown_grace_seconds + 5
+            for worker in workers:
+                await asyncio.to_thread(worker.wait, max(0.1, deadline - time.monotonic()))
+            return max(abs(worker.returncode or 0) for worker in workers)
+
+    return asyncio.run(prepare_and_run())
+
+
+async def migrate_only(settings: Settings) -> int:
+    async with database_dsn(settings) as dsn:
+        await wait_for_database(dsn, settings)
+        applied = await _migrate(dsn)
+    print(f"balance-server: applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
+    return 0
+
+
+async def _migrate(dsn: str) -> list[str]:
+    try:
+        return await migrations.migrate(dsn)
+    except migrations.MigrationError as error:
+        raise SystemExit(f"balance-server: {error}") from error
+
+
+async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> None:
+    state = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *SERVICE_NAMES):
+        await servicer.set(name, state)
+
+
+async def _watch_database(database: Database, servicer: health.aio.HealthServicer, settings: Settings) -> None:
+    """Pings the database; health is NOT_SERVING while it is unreachable and SERVING once it is back."""
+    serving = True
+    while True:
+        await asyncio.sleep(settings.health_check_interval_seconds)
+        reachable = await database.ping(timeout_seconds=max(1.0, settings.health_check_interval_seconds))
+        if reachable != serving:
+            serving = reachable
+            _log.warning("database %s: health is now %s", "reachable" if serving else "unreachable",
+                         "SERVING" if serving else "NOT_SERVING")
+            await _set_health(servicer, serving=serving)
+
+
+async def _expire_idempotency_keys(database: Database, settings: Settings) -> None:
+    while True:
+        try:
+            deleted = await ledger.delete_expired_idempotency_keys(database, settings.idempotency_key_retention_days)
+            if deleted:
+                _log.info("deleted %d idempotency keys older than %d days", deleted,
+                          settings.idempotency_key_retention_days)
+        except Exception:
+            _log.exception("deleting expired idempotency keys failed; trying again later")
+        await asyncio.sleep(3600)
+

@@ -1,0 +1,1 @@
+"""One module per gRPC service. Servicers only translate: proto -> command -> ledger -> proto."""
