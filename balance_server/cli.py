@@ -40,6 +40,7 @@ _OPTIONS = (
     _Option("pool_min_size", "--pool-min-size", int, "connections kept open for money operations"),
     _Option("pool_max_size", "--pool-max-size", int, "most connections for money operations"),
     _Option("read_pool_max_size", "--read-pool-max-size", int, "most connections for reads"),
+    _Option("report_pool_max_size", "--report-pool-max-size", int, "most connections for report downloads"),
     _Option("default_currency", "--default-currency", str.upper, "currency of requests that name none"),
     _Option("log_level", "--log-level", str.upper, "DEBUG, INFO, WARNING or ERROR"),
     _Option("shutdown_grace_seconds", "--shutdown-grace", float, "seconds in-flight calls get on shutdown"),
@@ -94,8 +95,8 @@ def _check(settings: Settings) -> None:
     problems = []
     if settings.pool_min_size < 1 or settings.pool_max_size < settings.pool_min_size:
         problems.append("--pool-max-size must be at least --pool-min-size, which must be at least 1")
-    if settings.read_pool_max_size < 1:
-        problems.append("--read-pool-max-size must be at least 1")
+    if settings.read_pool_max_size < 1 or settings.report_pool_max_size < 1:
+        problems.append("--read-pool-max-size and --report-pool-max-size must be at least 1")
     if settings.workers < 1:
         problems.append("--workers must be at least 1")
     if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -128,7 +128,9 @@ async def get_balance(database: Database, user_id: int, currency: str | None) ->
             f"user {user_id} has no accounts{where}: they are created by the first deposit",
             metadata={"user_id": str(user_id), **({"currency": currency} if currency else {})},
         )
-    return tuple(Account(user_id, AccountKind(kind), code, balance, updated) for user_id, kind, code, balance, updated in rows)
+    return tuple(
+        Account(user_id, AccountKind(kind), code, balance, updated) for user_id, kind, code, balance, updated in rows
+    )
 
 
 async def get_transaction(database: Database, transaction_id: uuid.UUID) -> Transaction:
@@ -144,9 +146,21 @@ async def get_order(database: Database, order_id: int) -> Order:
     rows = await database.read(_fetch_all(sql.ORDER_BY_ID, (order_id,)))
     if not rows:
         raise OrderNotFound(f"order {order_id} does not exist", metadata={"order_id": str(order_id)})
-    (order_id, user_id, service_id, service_name, currency, status, reserved, captured, released, created, updated) = rows[0]
+    (order_id, user_id, service_id, service_name, currency, status, reserved, captured, released, created, updated) = (
+        rows[0]
+    )
     return Order(
-        order_id, user_id, service_id, service_name, currency, OrderStatus(status), reserved, captured, released, created, updated
+        order_id,
+        user_id,
+        service_id,
+        service_name,
+        currency,
+        OrderStatus(status),
+        reserved,
+        captured,
+        released,
+        created,
+        updated,
     )
 
 
@@ -179,19 +193,22 @@ async def list_transactions(database: Database, query: HistoryQuery, after: Posi
     }
     rows = await database.read(_fetch_all(_HISTORY_QUERIES[query.sort_by, query.descending], parameters))
     transactions = tuple(_transaction(row) for row in rows[: query.page_size])
-    if first_page and not transactions:
-        has_accounts = await database.read(_fetch_all(sql.USER_HAS_ACCOUNTS, (query.user_id,)))
-        if not has_accounts[0][0]:
-            raise AccountNotFound(
-                f"user {query.user_id} has no accounts: they are created by the first deposit",
-                metadata={"user_id": str(query.user_id)},
-            )
+    if first_page and not transactions and not await user_has_accounts(database, query.user_id):
+        raise AccountNotFound(
+            f"user {query.user_id} has no accounts: they are created by the first deposit",
+            metadata={"user_id": str(query.user_id)},
+        )
     next_token = ""
     if len(rows) > query.page_size:
         last = transactions[-1]
         value = last.created_at if query.sort_by is SortField.DATE else last.amount
         next_token = pagination.encode(query, Position(value, last.transaction_id))
     return TransactionPage(transactions, next_token)
+
+
+async def user_has_accounts(database: Database, user_id: int) -> bool:
+    rows = await database.read(_fetch_all(sql.USER_HAS_ACCOUNTS, (user_id,)))
+    return bool(rows[0][0])
 
 
 def _before_first(query: HistoryQuery) -> Position:
@@ -240,9 +257,21 @@ def _receipt(row: tuple[Any, ...]) -> Receipt:
 
 
 def _transaction(row: Sequence[Any]) -> Transaction:
-    (transaction_id, kind, amount, currency, created_at, description, from_user, to_user, order_id, service_id, key) = row
+    (transaction_id, kind, amount, currency, created_at, description, from_user, to_user, order_id, service_id, key) = (
+        row
+    )
     return Transaction(
-        transaction_id, TransactionKind(kind), amount, currency, created_at, description, from_user, to_user, order_id, service_id, key
+        transaction_id,
+        TransactionKind(kind),
+        amount,
+        currency,
+        created_at,
+        description,
+        from_user,
+        to_user,
+        order_id,
+        service_id,
+        key,
     )
 
 

@@ -23,6 +23,11 @@ PAGE_SIZE_MAX: Final = 1000
 PAGE_TOKEN_LENGTH_MAX: Final = 512
 TRANSACTION_KINDS_FILTER_MAX: Final = 16
 
+# Reports.
+REPORT_CHUNK_BYTES_MAX: Final = 64 * 1024
+REPORT_YEAR_MIN: Final = 2000
+"""The first year a revenue report can be asked for; the last is next year."""
+
 # Serializable transactions.
 RETRY_ATTEMPTS_MAX: Final = 12
 """Attempts of one money operation before the caller gets ABORTED."""

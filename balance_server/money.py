@@ -56,7 +56,7 @@ def to_minor_units(text: str, currency: str, currencies: Currencies, *, field: s
     significant = fraction.rstrip("0")
     if len(significant) > digits:
         raise _amount_error(field, f"has more than {digits} decimal places, the most {currency} allows")
-    minor_units = int(whole) * 10**digits + int(significant.ljust(digits, "0") or "0")
+    minor_units = int(whole + significant.ljust(digits, "0"))
     if minor_units > limits.AMOUNT_MINOR_UNITS_MAX:
         maximum = format_minor_units(limits.AMOUNT_MINOR_UNITS_MAX, digits)
         raise _amount_error(field, f"is above the maximum of {maximum} {currency}")

@@ -8,19 +8,23 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import psycopg
+from balance.v1 import (
+    info_service_pb2,
+    info_service_pb2_grpc,
+    report_service_pb2,
+    report_service_pb2_grpc,
+    transaction_service_pb2,
+    transaction_service_pb2_grpc,
+)
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from balance.v1 import info_service_pb2, info_service_pb2_grpc, report_service_pb2, report_service_pb2_grpc
-from balance.v1 import transaction_service_pb2, transaction_service_pb2_grpc
 from balance_server import ledger, limits
 from balance_server.db import migrations
 from balance_server.db.database import Database
@@ -88,7 +92,9 @@ async def wait_for_database(dsn: str, settings: Settings) -> None:
             return
         except psycopg.OperationalError as error:
             if attempt == settings.db_connect_attempts:
-                raise SystemExit(f"balance-server: the database is unreachable after {attempt} attempts: {error}") from error
+                raise SystemExit(
+                    f"balance-server: the database is unreachable after {attempt} attempts: {error}"
+                ) from error
             _log.warning("database not reachable yet (attempt %d of %d)", attempt, settings.db_connect_attempts)
             await asyncio.sleep(settings.db_connect_interval_seconds)
 
@@ -149,32 +155,32 @@ async def serve(settings: Settings) -> int:
 
 def serve_workers(settings: Settings) -> int:
     """N server processes on one port (SO_REUSEPORT); this process owns the database and migrations."""
+    return asyncio.run(_run_workers(settings))
 
-    async def prepare_and_run() -> int:
-        async with database_dsn(settings) as dsn:
-            await wait_for_database(dsn, settings)
-            await _migrate(dsn)
-            environment = {**os.environ, _WORKER_ENVIRONMENT_FLAG: "1", "BALANCE_DSN": dsn, "BALANCE_WORKERS": "1"}
-            workers = [
-                subprocess.Popen([sys.executable, "-m", "balance_server", "serve"], env=environment)
-                for _ in range(settings.workers)
-            ]
-            stopping = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signal_number in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signal_number, stopping.set)
-            while not stopping.is_set() and all(worker.poll() is None for worker in workers):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), timeout=0.5)
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + settings.shutdown_grace_seconds + 5
-            for worker in workers:
-                await asyncio.to_thread(worker.wait, max(0.1, deadline - time.monotonic()))
-            return max(abs(worker.returncode or 0) for worker in workers)
 
-    return asyncio.run(prepare_and_run())
+async def _run_workers(settings: Settings) -> int:
+    async with database_dsn(settings) as dsn:
+        await wait_for_database(dsn, settings)
+        await _migrate(dsn)
+        environment = {**os.environ, _WORKER_ENVIRONMENT_FLAG: "1", "BALANCE_DSN": dsn, "BALANCE_WORKERS": "1"}
+        workers = [
+            await asyncio.create_subprocess_exec(sys.executable, "-m", "balance_server", "serve", env=environment)
+            for _ in range(settings.workers)
+        ]
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, stopping.set)
+        # Until asked to stop, or until a worker dies: then all stop, so that a supervisor sees it.
+        exits = [asyncio.create_task(worker.wait()) for worker in workers]
+        stop_asked = asyncio.create_task(stopping.wait())
+        await asyncio.wait([stop_asked, *exits], return_when=asyncio.FIRST_COMPLETED)
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+        codes = await asyncio.gather(*exits)
+        stop_asked.cancel()
+        return max(abs(code) for code in codes)
 
 
 async def migrate_only(settings: Settings) -> int:
@@ -206,8 +212,11 @@ async def _watch_database(database: Database, servicer: health.aio.HealthService
         reachable = await database.ping(timeout_seconds=max(1.0, settings.health_check_interval_seconds))
         if reachable != serving:
             serving = reachable
-            _log.warning("database %s: health is now %s", "reachable" if serving else "unreachable",
-                         "SERVING" if serving else "NOT_SERVING")
+            _log.warning(
+                "database %s: health is now %s",
+                "reachable" if serving else "unreachable",
+                "SERVING" if serving else "NOT_SERVING",
+            )
             await _set_health(servicer, serving=serving)
 
 
@@ -216,9 +225,9 @@ async def _expire_idempotency_keys(database: Database, settings: Settings) -> No
         try:
             deleted = await ledger.delete_expired_idempotency_keys(database, settings.idempotency_key_retention_days)
             if deleted:
-                _log.info("deleted %d idempotency keys older than %d days", deleted,
-                          settings.idempotency_key_retention_days)
+                _log.info(
+                    "deleted %d idempotency keys older than %d days", deleted, settings.idempotency_key_retention_days
+                )
         except Exception:
             _log.exception("deleting expired idempotency keys failed; trying again later")
         await asyncio.sleep(3600)
-

@@ -20,6 +20,8 @@ class Settings:
     SERIALIZABLE connection uses the server's shared conflict-tracking memory."""
     read_pool_max_size: int = 8
     """Connections for reads (balances, history, orders), so reads never wait behind writes."""
+    report_pool_max_size: int = 2
+    """Connections for reports: a few long downloads can never take the others' connections."""
     default_currency: str = "USD"
     log_level: str = "INFO"
     shutdown_grace_seconds: float = 10.0

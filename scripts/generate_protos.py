@@ -60,7 +60,11 @@ def check() -> int:
         fresh = Path(scratch)
         generate(fresh)
         expected, actual = stub_files(fresh), stub_files(GENERATED)
-        stale = [str(name) for name in expected if name not in actual or not filecmp.cmp(fresh / name, GENERATED / name, shallow=False)]
+        stale = [
+            str(name)
+            for name in expected
+            if name not in actual or not filecmp.cmp(fresh / name, GENERATED / name, shallow=False)
+        ]
         extra = [str(name) for name in actual if name not in expected]
     if stale or extra:
         print("generated/ is out of date with protos/; run scripts/generate_protos.py", file=sys.stderr)

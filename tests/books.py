@@ -98,4 +98,3 @@ class Books:
                 "SELECT count(*) FROM transactions WHERE from_user_id = %s OR to_user_id = %s", user_id, user_id
             )
         )
-

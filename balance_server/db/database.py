@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -21,33 +22,42 @@ from balance_server.settings import Settings
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Work = Callable[[psycopg.AsyncConnection[object]], Awaitable[T]]
+Work = Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]
+Pool = psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 
 # The only errors after which a money operation is run again: the database rolled the whole
 # transaction back, so running it again cannot apply anything twice.
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 
 
-async def _configure_writer(connection: psycopg.AsyncConnection[object]) -> None:
+async def _configure_writer(connection: psycopg.AsyncConnection[Any]) -> None:
     # Autocommit with SERIALIZABLE as the session's default: a money operation is one function
     # call, so one statement is one serializable transaction and one round trip.
     await connection.set_autocommit(True)
     await connection.execute("SET default_transaction_isolation = 'serializable'")
 
 
-async def _configure_reader(connection: psycopg.AsyncConnection[object]) -> None:
+async def _configure_reader(connection: psycopg.AsyncConnection[Any]) -> None:
     # Each read is one statement, so it sees one consistent snapshot. Reads stay out of
     # SERIALIZABLE so their predicate locks never make a money operation retry.
     await connection.set_autocommit(True)
     await connection.execute("SET default_transaction_read_only = on")
 
 
+async def _configure_reporter(connection: psycopg.AsyncConnection[Any]) -> None:
+    # Reports run in a SERIALIZABLE READ ONLY DEFERRABLE transaction: it waits for a snapshot
+    # that is safe, then never fails with a serialization error or needs a retry half-way.
+    await connection.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+    await connection.set_read_only(True)
+    await connection.set_deferrable(True)
+
+
 class Database:
-    """The service's two pools: one for money operations, one for reads."""
+    """The service's pools: money operations, reads, and report downloads."""
 
     def __init__(self, dsn: str, settings: Settings) -> None:
         self.dsn = dsn
-        self.writer = psycopg_pool.AsyncConnectionPool(
+        self.writer: Pool = psycopg_pool.AsyncConnectionPool(
             dsn,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
@@ -56,7 +66,7 @@ class Database:
             open=False,
             name="writer",
         )
-        self.reader = psycopg_pool.AsyncConnectionPool(
+        self.reader: Pool = psycopg_pool.AsyncConnectionPool(
             dsn,
             min_size=1,
             max_size=settings.read_pool_max_size,
@@ -64,6 +74,15 @@ class Database:
             configure=_configure_reader,
             open=False,
             name="reader",
+        )
+        self.reporter: Pool = psycopg_pool.AsyncConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=settings.report_pool_max_size,
+            timeout=limits.POOL_WAIT_SECONDS_MAX,
+            configure=_configure_reporter,
+            open=False,
+            name="reporter",
         )
 
     reachable = True
@@ -74,7 +93,9 @@ class Database:
         """Whether the database answers on a fresh connection (pool connections may be stale)."""
         try:
             async with asyncio.timeout(timeout_seconds):
-                connection = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=max(1, int(timeout_seconds)))
+                connection = await psycopg.AsyncConnection.connect(
+                    self.dsn, connect_timeout=max(1, int(timeout_seconds))
+                )
                 async with connection:
                     await connection.execute(sql.PING)
         except (psycopg.Error, OSError, TimeoutError):
@@ -84,12 +105,12 @@ class Database:
         return True
 
     async def open(self) -> None:
-        await self.writer.open(wait=True, timeout=limits.POOL_WAIT_SECONDS_MAX)
-        await self.reader.open(wait=True, timeout=limits.POOL_WAIT_SECONDS_MAX)
+        for pool in (self.writer, self.reader, self.reporter):
+            await pool.open(wait=True, timeout=limits.POOL_WAIT_SECONDS_MAX)
 
     async def close(self) -> None:
-        await self.reader.close()
-        await self.writer.close()
+        for pool in (self.reporter, self.reader, self.writer):
+            await pool.close()
 
     async def serializable(self, work: Work[T], *, deadline: float | None) -> T:
         """Runs `work` (one serializable transaction) again after serialization failures and
@@ -114,16 +135,27 @@ class Database:
     async def read(self, work: Work[T]) -> T:
         return await self._run(self.reader, work)
 
-    async def _run(self, pool: psycopg_pool.AsyncConnectionPool, work: Work[T]) -> T:
+    async def _run(self, pool: Pool, work: Work[T]) -> T:
+        async with self._connection(pool) as connection:
+            return await work(connection)
+
+    def report_connection(self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """A connection in a SERIALIZABLE READ ONLY DEFERRABLE transaction, for one report."""
+        return self._connection(self.reporter)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: Pool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         if not self.reachable:
             raise DatabaseUnavailable("the database is unavailable; retry later")
         try:
             async with pool.connection() as connection:
-                return await work(connection)
+                yield connection
         except _RETRYABLE:
             raise
         except pg_errors.NumericValueOutOfRange as overflow:
-            raise BalanceLimitExceeded("the operation would take a balance beyond what the ledger can hold") from overflow
+            raise BalanceLimitExceeded(
+                "the operation would take a balance beyond what the ledger can hold"
+            ) from overflow
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as unreachable:
             _log.warning("database unavailable: %s", type(unreachable).__name__)
             raise DatabaseUnavailable("the database is unavailable; retry later") from unreachable

@@ -57,7 +57,12 @@ def _history_page(sort_column: LiteralString, direction: LiteralString, comparis
         + _history_side("from_user_id", sort_column, direction, comparison)
         + " UNION "
         + _history_side("to_user_id", sort_column, direction, comparison)
-        + ") AS page ORDER BY " + sort_column + " " + direction + ", transaction_id " + direction
+        + ") AS page ORDER BY "
+        + sort_column
+        + " "
+        + direction
+        + ", transaction_id "
+        + direction
         + " LIMIT %(limit)s"
     )
 
@@ -72,3 +77,44 @@ DELETE_EXPIRED_IDEMPOTENCY_KEYS: Final = """
 """
 
 PING: Final = "SELECT 1"
+
+# Reports: COPY cannot take server-side parameters, so psycopg binds these values client-side,
+# quoting each as a literal. The CSV is PostgreSQL's own (FORMAT csv quotes fields holding the
+# delimiter, quotes or line breaks as RFC 4180 says).
+REVENUE_REPORT: Final = """
+    COPY (
+        SELECT t.service_id AS service_id,
+               coalesce(s.name, '') AS service_name,
+               round(sum(t.amount) / power(10::numeric, c.minor_digits), c.minor_digits)::text AS revenue,
+               t.currency AS currency
+        FROM transactions t
+        JOIN currencies c ON c.code = t.currency
+        LEFT JOIN services s ON s.service_id = t.service_id
+        WHERE t.kind = 'revenue' AND t.created_at >= %(start)s AND t.created_at < %(end)s
+          AND (%(currency)s::text IS NULL OR t.currency = %(currency)s::text)
+        GROUP BY t.service_id, s.name, t.currency, c.minor_digits
+        ORDER BY t.service_id, t.currency
+    ) TO STDOUT WITH (FORMAT csv, DELIMITER ';', HEADER true)
+"""
+
+STATEMENT: Final = """
+    COPY (
+        SELECT t.transaction_id AS transaction_id,
+               to_char(t.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at,
+               t.kind AS kind,
+               round(t.amount / power(10::numeric, c.minor_digits), c.minor_digits)::text AS amount,
+               t.currency AS currency,
+               t.description AS description,
+               t.order_id AS order_id,
+               t.service_id AS service_id,
+               CASE WHEN t.from_user_id IS DISTINCT FROM t.to_user_id THEN
+                   CASE WHEN t.from_user_id = %(user_id)s THEN t.to_user_id ELSE t.from_user_id END
+               END AS counterparty_user_id
+        FROM transactions t
+        JOIN currencies c ON c.code = t.currency
+        WHERE (t.from_user_id = %(user_id)s OR t.to_user_id = %(user_id)s)
+          AND t.created_at >= %(from_time)s AND t.created_at < %(to_time)s
+          AND t.kind = ANY(%(kinds)s)
+        ORDER BY t.created_at, t.transaction_id
+    ) TO STDOUT WITH (FORMAT csv, DELIMITER ';', HEADER true)
+"""

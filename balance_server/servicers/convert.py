@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from balance.v1 import types_pb2
 from google.protobuf import timestamp_pb2
 
-from balance.v1 import types_pb2
 from balance_server import models
 from balance_server.money import Currencies
 
@@ -22,7 +22,9 @@ TRANSACTION_KINDS = {
     models.TransactionKind.RELEASE: types_pb2.TRANSACTION_KIND_RELEASE,
     models.TransactionKind.REVENUE: types_pb2.TRANSACTION_KIND_REVENUE,
 }
-TRANSACTION_KINDS_FROM_PROTO = {number: kind for kind, number in TRANSACTION_KINDS.items()}
+TRANSACTION_KINDS_FROM_PROTO: dict[int, models.TransactionKind] = {
+    int(number): kind for kind, number in TRANSACTION_KINDS.items()
+}
 ORDER_STATUSES = {
     models.OrderStatus.RESERVED: types_pb2.ORDER_STATUS_RESERVED,
     models.OrderStatus.CAPTURED: types_pb2.ORDER_STATUS_CAPTURED,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -17,6 +17,7 @@ from grpc import aio
 
 from balance_server import limits, money, status
 from balance_server.errors import DomainError, FieldViolation, InvalidArgument, Overloaded
+from balance_server.models import TransactionKind
 
 _log = logging.getLogger("balance_server.calls")
 
@@ -41,7 +42,7 @@ class CallGate:
         self.in_flight -= 1
 
 
-class HasGate:
+class HasGate(Protocol):
     gate: CallGate
 
 
@@ -70,7 +71,7 @@ def unary_call(
             raise AssertionError("abort_with_status raises") from error
         except Exception as unexpected:
             if _is_abort(unexpected):
-                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             code = grpc.StatusCode.INTERNAL
             _log.exception("%s failed unexpectedly", name)
@@ -106,7 +107,7 @@ def stream_call(
             await context.abort_with_status(status.to_status(error))
         except Exception as unexpected:
             if _is_abort(unexpected):
-                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             code = grpc.StatusCode.INTERNAL
             _log.exception("%s failed unexpectedly", name)
@@ -156,7 +157,9 @@ class Fields:
         if value == "":
             return None
         if value.strip() != value or not value.isprintable():
-            self._add(FieldViolation("idempotency_key", "idempotency_key must be printable, without surrounding spaces"))
+            self._add(
+                FieldViolation("idempotency_key", "idempotency_key must be printable, without surrounding spaces")
+            )
         return self.text(value, "idempotency_key", limits.IDEMPOTENCY_KEY_LENGTH_MAX) or None
 
     def currency(self, value: str, currencies: money.Currencies, field: str = "currency") -> str | None:
@@ -192,6 +195,21 @@ class Fields:
             self._add(FieldViolation(field, f"{field} is not a valid timestamp"))
             return None
 
+    def transaction_kinds(
+        self, numbers: Sequence[int], known: Mapping[int, TransactionKind]
+    ) -> frozenset[TransactionKind]:
+        """The kinds a filter names (empty: every kind)."""
+        if len(numbers) > limits.TRANSACTION_KINDS_FILTER_MAX:
+            self.add("kinds", f"kinds lists more than {limits.TRANSACTION_KINDS_FILTER_MAX} values")
+        kinds = set()
+        for number in numbers[: limits.TRANSACTION_KINDS_FILTER_MAX]:
+            kind = known.get(number)
+            if kind is None:
+                self.add("kinds", f"{number} is not a TransactionKind")
+            else:
+                kinds.add(kind)
+        return frozenset(kinds)
+
     def add(self, field: str, description: str) -> None:
         self._add(FieldViolation(field, description))
 
@@ -207,4 +225,3 @@ class Fields:
         if self.reason is None:
             self.reason = error.reason
         self.violations.extend(error.violations)
-

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
-from grpc import aio
-
 from balance.v1 import info_service_pb2 as pb
 from balance.v1 import info_service_pb2_grpc as pb_grpc
+from grpc import aio
+
 from balance_server import ledger, limits, pagination
 from balance_server.db.database import Database
 from balance_server.models import SortField
@@ -59,10 +60,8 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         fields = Fields()
         transaction_id = None
         if len(request.transaction_id) <= limits.TRANSACTION_ID_LENGTH_MAX:
-            try:
+            with contextlib.suppress(ValueError):
                 transaction_id = uuid.UUID(request.transaction_id)
-            except ValueError:
-                pass
         if transaction_id is None:
             fields.add("transaction_id", "transaction_id must be a UUID such as 0b7e6a2c-9c1d-4f1e-8a3b-2d5c7e9f1a2b")
         fields.done()
@@ -90,15 +89,7 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         if request.page_size < 0:
             fields.add("page_size", "page_size must not be negative (0 means the default of 50)")
         page_size = min(request.page_size or limits.PAGE_SIZE_DEFAULT, limits.PAGE_SIZE_MAX)
-        if len(request.kinds) > limits.TRANSACTION_KINDS_FILTER_MAX:
-            fields.add("kinds", f"kinds lists more than {limits.TRANSACTION_KINDS_FILTER_MAX} values")
-        kinds = set()
-        for number in request.kinds[: limits.TRANSACTION_KINDS_FILTER_MAX]:
-            kind = convert.TRANSACTION_KINDS_FROM_PROTO.get(number)
-            if kind is None:
-                fields.add("kinds", f"{number} is not a TransactionKind")
-            else:
-                kinds.add(kind)
+        kinds = fields.transaction_kinds(request.kinds, convert.TRANSACTION_KINDS_FROM_PROTO)
         from_time = fields.timestamp(request.from_time, "from_time") if request.HasField("from_time") else None
         to_time = fields.timestamp(request.to_time, "to_time") if request.HasField("to_time") else None
         if from_time and to_time and from_time >= to_time:
@@ -108,7 +99,7 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
             user_id=user_id,
             sort_by=sort_by or SortField.DATE,
             descending=bool(descending),
-            kinds=frozenset(kinds),
+            kinds=kinds,
             from_time=from_time,
             to_time=to_time,
             page_size=page_size,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from balance.v1 import info_service_pb2 as info_pb
 from balance.v1 import transaction_service_pb2 as pb
 from balance.v1 import types_pb2
+
 from tests.rpc import fails
 
 
@@ -174,7 +174,9 @@ async def test_amount_at_the_maximum_is_accepted(transactions, new_id):
     assert response.transaction.amount == "10000000000000.00"
 
 
-@pytest.mark.parametrize(("amount", "currency", "shown"), [("500", "JPY", "500"), ("1.234", "KWD", "1.234"), ("1.5000", "EUR", "1.50")])
+@pytest.mark.parametrize(
+    ("amount", "currency", "shown"), [("500", "JPY", "500"), ("1.234", "KWD", "1.234"), ("1.5000", "EUR", "1.50")]
+)
 async def test_currency_precision_is_kept_exactly(transactions, new_id, amount, currency, shown):
     """Each currency's minor digits decide how amounts are read and written; trailing zeros are not precision."""
     response = await transactions.Deposit(pb.DepositRequest(user_id=new_id(), amount=amount, currency=currency))
@@ -248,7 +250,7 @@ async def test_idempotency_key_reused_for_another_request_is_already_exists(tran
 
 
 async def test_equal_amounts_written_differently_are_the_same_request(transactions, new_id, key):
-    """"25" and "25.00" are the same amount, so a replay written either way is the same request."""
+    """ "25" and "25.00" are the same amount, so a replay written either way is the same request."""
     user, same_key = new_id(), key()
     first = await transactions.Deposit(pb.DepositRequest(user_id=user, amount="25", idempotency_key=same_key))
     again = await transactions.Deposit(pb.DepositRequest(user_id=user, amount="25.00", idempotency_key=same_key))

@@ -22,19 +22,23 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from balance.v1 import types_pb2 as balance_dot_v1_dot_types__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61lance/v1/report_service.proto\x12\nbalance.v1\"E\n\x14RevenueReportRequest\x12\x0c\n\x04year\x18\x01 \x01(\x05\x12\r\n\x05month\x18\x02 \x01(\x05\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\"\x1b\n\x0bReportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32`\n\rReportService\x12O\n\x10GetRevenueReport\x12 .balance.v1.RevenueReportRequest\x1a\x17.balance.v1.ReportChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61lance/v1/report_service.proto\x12\nbalance.v1\x1a\x16\x62\x61lance/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x14RevenueReportRequest\x12\x0c\n\x04year\x18\x01 \x01(\x05\x12\r\n\x05month\x18\x02 \x01(\x05\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x11\n\ttime_zone\x18\x04 \x01(\t\"\xb4\x01\n\x19\x45xportTransactionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12-\n\tfrom_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07to_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x05kinds\x18\x04 \x03(\x0e\x32\x1b.balance.v1.TransactionKind\"\x1b\n\x0bReportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xb8\x01\n\rReportService\x12O\n\x10GetRevenueReport\x12 .balance.v1.RevenueReportRequest\x1a\x17.balance.v1.ReportChunk0\x01\x12V\n\x12\x45xportTransactions\x12%.balance.v1.ExportTransactionsRequest\x1a\x17.balance.v1.ReportChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'balance.v1.report_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REVENUEREPORTREQUEST']._serialized_start=47
-  _globals['_REVENUEREPORTREQUEST']._serialized_end=116
-  _globals['_REPORTCHUNK']._serialized_start=118
-  _globals['_REPORTCHUNK']._serialized_end=145
-  _globals['_REPORTSERVICE']._serialized_start=147
-  _globals['_REPORTSERVICE']._serialized_end=243
+  _globals['_REVENUEREPORTREQUEST']._serialized_start=104
+  _globals['_REVENUEREPORTREQUEST']._serialized_end=192
+  _globals['_EXPORTTRANSACTIONSREQUEST']._serialized_start=195
+  _globals['_EXPORTTRANSACTIONSREQUEST']._serialized_end=375
+  _globals['_REPORTCHUNK']._serialized_start=377
+  _globals['_REPORTCHUNK']._serialized_end=404
+  _globals['_REPORTSERVICE']._serialized_start=407
+  _globals['_REPORTSERVICE']._serialized_end=591
 # @@protoc_insertion_point(module_scope)

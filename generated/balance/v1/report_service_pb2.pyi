@@ -3,8 +3,12 @@
 isort:skip_file
 """
 
+from balance.v1 import types_pb2 as _types_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,29 +27,71 @@ class RevenueReportRequest(_message.Message):
     YEAR_FIELD_NUMBER: _builtins.int
     MONTH_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     year: _builtins.int
+    """2000 up to next year."""
     month: _builtins.int
     """1..12."""
     currency: _builtins.str
     """ISO 4217 code; empty means every currency."""
+    time_zone: _builtins.str
+    """IANA time zone whose calendar sets the month's boundaries, e.g. "Europe/Moscow"; empty means UTC."""
     def __init__(
         self,
         *,
         year: _builtins.int = ...,
         month: _builtins.int = ...,
         currency: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "month", b"month", "year", b"year"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "month", b"month", "time_zone", b"time_zone", "year", b"year"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevenueReportRequest: _TypeAlias = RevenueReportRequest  # noqa: Y015
 
 @_typing.final
+class ExportTransactionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    FROM_TIME_FIELD_NUMBER: _builtins.int
+    TO_TIME_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    @_builtins.property
+    def from_time(self) -> _timestamp_pb2.Timestamp:
+        """Only transactions created at or after this time (unset: from the first)."""
+
+    @_builtins.property
+    def to_time(self) -> _timestamp_pb2.Timestamp:
+        """Only transactions created before this time (unset: up to now)."""
+
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.TransactionKind.ValueType]:
+        """Only these kinds (empty: all kinds)."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        from_time: _timestamp_pb2.Timestamp | None = ...,
+        to_time: _timestamp_pb2.Timestamp | None = ...,
+        kinds: _abc.Iterable[_types_pb2.TransactionKind.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_time", b"from_time", "to_time", b"to_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_time", b"from_time", "kinds", b"kinds", "to_time", b"to_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportTransactionsRequest: _TypeAlias = ExportTransactionsRequest  # noqa: Y015
+
+@_typing.final
 class ReportChunk(_message.Message):
-    """A piece of a CSV file; the pieces in order make the whole file."""
+    """A piece of a CSV file of at most 64 KiB; the pieces in order make the whole file."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

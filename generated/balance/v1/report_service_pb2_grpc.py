@@ -26,7 +26,12 @@ if _version_not_supported:
 
 
 class ReportServiceStub:
-    """Downloads for accounting, streamed as CSV in byte chunks.
+    """Downloads for accounting and for users, streamed as CSV in byte chunks.
+
+    Every file is UTF-8 CSV with `;` between fields and `\n` after each line, the first line a
+    header; fields holding `;`, `"` or a line break are quoted as RFC 4180 says. Initial metadata
+    `content-disposition` names the file; trailing metadata `x-row-count` (lines after the header)
+    and `x-sha256` (hex SHA-256 of the whole file) let a client check what it saved.
     """
 
     def __init__(self, channel):
@@ -40,14 +45,33 @@ class ReportServiceStub:
                 request_serializer=balance_dot_v1_dot_report__service__pb2.RevenueReportRequest.SerializeToString,
                 response_deserializer=balance_dot_v1_dot_report__service__pb2.ReportChunk.FromString,
                 _registered_method=True)
+        self.ExportTransactions = channel.unary_stream(
+                '/balance.v1.ReportService/ExportTransactions',
+                request_serializer=balance_dot_v1_dot_report__service__pb2.ExportTransactionsRequest.SerializeToString,
+                response_deserializer=balance_dot_v1_dot_report__service__pb2.ReportChunk.FromString,
+                _registered_method=True)
 
 
 class ReportServiceServicer:
-    """Downloads for accounting, streamed as CSV in byte chunks.
+    """Downloads for accounting and for users, streamed as CSV in byte chunks.
+
+    Every file is UTF-8 CSV with `;` between fields and `\n` after each line, the first line a
+    header; fields holding `;`, `"` or a line break are quoted as RFC 4180 says. Initial metadata
+    `content-disposition` names the file; trailing metadata `x-row-count` (lines after the header)
+    and `x-sha256` (hex SHA-256 of the whole file) let a client check what it saved.
     """
 
     def GetRevenueReport(self, request, context):
-        """Revenue per service and currency recognized in one month, as `;`-separated UTF-8 CSV.
+        """Revenue recognized in one month per service and currency, net of refunds, ordered by
+        service id. Header: `service_id;service_name;revenue;currency`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportTransactions(self, request, context):
+        """A user's statement, oldest first. Header:
+        `transaction_id;created_at;kind;amount;currency;description;order_id;service_id;counterparty_user_id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +85,11 @@ def add_ReportServiceServicer_to_server(servicer, server):
                     request_deserializer=balance_dot_v1_dot_report__service__pb2.RevenueReportRequest.FromString,
                     response_serializer=balance_dot_v1_dot_report__service__pb2.ReportChunk.SerializeToString,
             ),
+            'ExportTransactions': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportTransactions,
+                    request_deserializer=balance_dot_v1_dot_report__service__pb2.ExportTransactionsRequest.FromString,
+                    response_serializer=balance_dot_v1_dot_report__service__pb2.ReportChunk.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'balance.v1.ReportService', rpc_method_handlers)
@@ -70,7 +99,12 @@ def add_ReportServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ReportService:
-    """Downloads for accounting, streamed as CSV in byte chunks.
+    """Downloads for accounting and for users, streamed as CSV in byte chunks.
+
+    Every file is UTF-8 CSV with `;` between fields and `\n` after each line, the first line a
+    header; fields holding `;`, `"` or a line break are quoted as RFC 4180 says. Initial metadata
+    `content-disposition` names the file; trailing metadata `x-row-count` (lines after the header)
+    and `x-sha256` (hex SHA-256 of the whole file) let a client check what it saved.
     """
 
     @staticmethod
@@ -89,6 +123,33 @@ class ReportService:
             target,
             '/balance.v1.ReportService/GetRevenueReport',
             balance_dot_v1_dot_report__service__pb2.RevenueReportRequest.SerializeToString,
+            balance_dot_v1_dot_report__service__pb2.ReportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/balance.v1.ReportService/ExportTransactions',
+            balance_dot_v1_dot_report__service__pb2.ExportTransactionsRequest.SerializeToString,
             balance_dot_v1_dot_report__service__pb2.ReportChunk.FromString,
             options,
             channel_credentials,

@@ -27,25 +27,55 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ReportServiceStub:
-    """Downloads for accounting, streamed as CSV in byte chunks."""
+    """Downloads for accounting and for users, streamed as CSV in byte chunks.
+
+    Every file is UTF-8 CSV with `;` between fields and `\\n` after each line, the first line a
+    header; fields holding `;`, `"` or a line break are quoted as RFC 4180 says. Initial metadata
+    `content-disposition` names the file; trailing metadata `x-row-count` (lines after the header)
+    and `x-sha256` (hex SHA-256 of the whole file) let a client check what it saved.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ReportServiceAsyncStub: ...
     GetRevenueReport: _grpc.UnaryStreamMultiCallable[_report_service_pb2.RevenueReportRequest, _report_service_pb2.ReportChunk]
-    """Revenue per service and currency recognized in one month, as `;`-separated UTF-8 CSV."""
+    """Revenue recognized in one month per service and currency, net of refunds, ordered by
+    service id. Header: `service_id;service_name;revenue;currency`.
+    """
+    ExportTransactions: _grpc.UnaryStreamMultiCallable[_report_service_pb2.ExportTransactionsRequest, _report_service_pb2.ReportChunk]
+    """A user's statement, oldest first. Header:
+    `transaction_id;created_at;kind;amount;currency;description;order_id;service_id;counterparty_user_id`.
+    """
 
 @_typing.type_check_only
 class ReportServiceAsyncStub(ReportServiceStub):
-    """Downloads for accounting, streamed as CSV in byte chunks."""
+    """Downloads for accounting and for users, streamed as CSV in byte chunks.
+
+    Every file is UTF-8 CSV with `;` between fields and `\\n` after each line, the first line a
+    header; fields holding `;`, `"` or a line break are quoted as RFC 4180 says. Initial metadata
+    `content-disposition` names the file; trailing metadata `x-row-count` (lines after the header)
+    and `x-sha256` (hex SHA-256 of the whole file) let a client check what it saved.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetRevenueReport: _aio.UnaryStreamMultiCallable[_report_service_pb2.RevenueReportRequest, _report_service_pb2.ReportChunk]  # type: ignore[assignment]
-    """Revenue per service and currency recognized in one month, as `;`-separated UTF-8 CSV."""
+    """Revenue recognized in one month per service and currency, net of refunds, ordered by
+    service id. Header: `service_id;service_name;revenue;currency`.
+    """
+    ExportTransactions: _aio.UnaryStreamMultiCallable[_report_service_pb2.ExportTransactionsRequest, _report_service_pb2.ReportChunk]  # type: ignore[assignment]
+    """A user's statement, oldest first. Header:
+    `transaction_id;created_at;kind;amount;currency;description;order_id;service_id;counterparty_user_id`.
+    """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Downloads for accounting, streamed as CSV in byte chunks."""
+    """Downloads for accounting and for users, streamed as CSV in byte chunks.
+
+    Every file is UTF-8 CSV with `;` between fields and `\\n` after each line, the first line a
+    header; fields holding `;`, `"` or a line break are quoted as RFC 4180 says. Initial metadata
+    `content-disposition` names the file; trailing metadata `x-row-count` (lines after the header)
+    and `x-sha256` (hex SHA-256 of the whole file) let a client check what it saved.
+    """
 
     @_abc_1.abstractmethod
     def GetRevenueReport(
@@ -53,6 +83,18 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _report_service_pb2.RevenueReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_report_service_pb2.ReportChunk], _abc.AsyncIterator[_report_service_pb2.ReportChunk]]:
-        """Revenue per service and currency recognized in one month, as `;`-separated UTF-8 CSV."""
+        """Revenue recognized in one month per service and currency, net of refunds, ordered by
+        service id. Header: `service_id;service_name;revenue;currency`.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportTransactions(
+        self,
+        request: _report_service_pb2.ExportTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_report_service_pb2.ReportChunk], _abc.AsyncIterator[_report_service_pb2.ReportChunk]]:
+        """A user's statement, oldest first. Header:
+        `transaction_id;created_at;kind;amount;currency;description;order_id;service_id;counterparty_user_id`.
+        """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
