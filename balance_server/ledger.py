@@ -79,12 +79,14 @@ class RecognizeRevenue:
 
 async def deposit(database: Database, command: Deposit, *, deadline: float | None) -> Receipt:
     arguments = (command.user_id, command.currency, command.amount, command.source, command.idempotency_key)
-    return await _operate(database, sql.DEPOSIT, arguments, deadline)
+    async with database.user_locks.hold(command.user_id):
+        return await _operate(database, sql.DEPOSIT, arguments, deadline)
 
 
 async def withdraw(database: Database, command: Withdraw, *, deadline: float | None) -> Receipt:
     arguments = (command.user_id, command.currency, command.amount, command.destination, command.idempotency_key)
-    return await _operate(database, sql.WITHDRAW, arguments, deadline)
+    async with database.user_locks.hold(command.user_id):
+        return await _operate(database, sql.WITHDRAW, arguments, deadline)
 
 
 async def transfer(database: Database, command: Transfer, *, deadline: float | None) -> Receipt:
@@ -96,7 +98,8 @@ async def transfer(database: Database, command: Transfer, *, deadline: float | N
         command.comment,
         command.idempotency_key,
     )
-    return await _operate(database, sql.TRANSFER, arguments, deadline)
+    async with database.user_locks.hold(command.from_user_id, command.to_user_id):
+        return await _operate(database, sql.TRANSFER, arguments, deadline)
 
 
 async def reserve(database: Database, command: Reserve, *, deadline: float | None) -> Receipt:
@@ -108,7 +111,8 @@ async def reserve(database: Database, command: Reserve, *, deadline: float | Non
         command.amount,
         command.service_name,
     )
-    return await _operate(database, sql.RESERVE, arguments, deadline)
+    async with database.user_locks.hold(command.user_id):
+        return await _operate(database, sql.RESERVE, arguments, deadline)
 
 
 async def release_reserve(database: Database, order_id: int, *, deadline: float | None) -> Receipt:
@@ -117,7 +121,9 @@ async def release_reserve(database: Database, order_id: int, *, deadline: float 
 
 async def recognize_revenue(database: Database, command: RecognizeRevenue, *, deadline: float | None) -> Receipt:
     arguments = (command.user_id, command.service_id, command.order_id, command.amount)
-    return await _operate(database, sql.RECOGNIZE_REVENUE, arguments, deadline)
+    # The request names the order's user; if it names another, the ledger refuses it anyway.
+    async with database.user_locks.hold(command.user_id):
+        return await _operate(database, sql.RECOGNIZE_REVENUE, arguments, deadline)
 
 
 async def get_balance(database: Database, user_id: int, currency: str | None) -> tuple[Account, ...]:

@@ -16,6 +16,7 @@ from psycopg import errors as pg_errors
 
 from balance_server import limits
 from balance_server.db import sql
+from balance_server.db.locks import UserLocks
 from balance_server.errors import BalanceLimitExceeded, DatabaseUnavailable, RetriesExhausted
 from balance_server.settings import Settings
 
@@ -57,6 +58,7 @@ class Database:
 
     def __init__(self, dsn: str, settings: Settings) -> None:
         self.dsn = dsn
+        self.user_locks = UserLocks()
         self.writer: Pool = psycopg_pool.AsyncConnectionPool(
             dsn,
             min_size=settings.pool_min_size,
