@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -99,13 +99,21 @@ async def wait_for_database(dsn: str, settings: Settings) -> None:
             await asyncio.sleep(settings.db_connect_interval_seconds)
 
 
-async def start(settings: Settings, dsn: str, *, reuse_port: bool = False) -> Running:
-    """Connects, builds and starts the server on settings.listen; the caller stops it."""
+async def start(
+    settings: Settings,
+    dsn: str,
+    *,
+    reuse_port: bool = False,
+    interceptors: Sequence[aio.ServerInterceptor] = (),
+) -> Running:
+    """Connects, builds and starts the server on settings.listen; the caller stops it.
+    `interceptors` wrap every call (tests use them to inject faults)."""
     database = Database(dsn, settings)
     await database.open()
     currencies = Currencies(await ledger.load_currencies(database), settings.default_currency)
     gate = CallGate()
     server = aio.server(
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", limits.MESSAGE_BYTES_MAX),
