@@ -72,6 +72,9 @@ def decode(token: str, query: HistoryQuery) -> Position:
         raise _invalid("page token is longer than any token this service issues")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        if base64.urlsafe_b64encode(raw).decode().rstrip("=") != token:
+            # Lenient decoding ignores the unused low bits of the last character.
+            raise ValueError("not canonical")
         checksum, payload = raw[:6], raw[6:]
         if hashlib.sha256(payload).digest()[:6] != checksum:
             raise ValueError("checksum")

@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
@@ -188,9 +188,14 @@ class Fields:
             return Decimal(0)
 
     def timestamp(self, value: timestamp_pb2.Timestamp, field: str) -> datetime | None:
-        """An aware datetime in UTC; None (with a violation) when out of range."""
+        """An aware datetime in UTC, rounded up to the microsecond the ledger records: a bound of
+        T + 1 ns holds exactly the transactions a bound of T + 1 us holds. None (with a violation)
+        when out of range."""
         try:
-            return value.ToDatetime(tzinfo=UTC)
+            moment = value.ToDatetime(tzinfo=UTC)
+            if value.nanos % 1000:
+                moment += timedelta(microseconds=1)
+            return moment
         except (ValueError, OverflowError):
             self._add(FieldViolation(field, f"{field} is not a valid timestamp"))
             return None
