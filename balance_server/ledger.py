@@ -80,13 +80,17 @@ class RecognizeRevenue:
 async def deposit(database: Database, command: Deposit, *, deadline: float | None) -> Receipt:
     arguments = (command.user_id, command.currency, command.amount, command.source, command.idempotency_key)
     async with database.user_locks.hold(command.user_id):
-        return await _operate(database, sql.DEPOSIT, arguments, deadline)
+        return await _operate(
+            database, sql.DEPOSIT, arguments, deadline, repeatable=command.idempotency_key is not None
+        )
 
 
 async def withdraw(database: Database, command: Withdraw, *, deadline: float | None) -> Receipt:
     arguments = (command.user_id, command.currency, command.amount, command.destination, command.idempotency_key)
     async with database.user_locks.hold(command.user_id):
-        return await _operate(database, sql.WITHDRAW, arguments, deadline)
+        return await _operate(
+            database, sql.WITHDRAW, arguments, deadline, repeatable=command.idempotency_key is not None
+        )
 
 
 async def transfer(database: Database, command: Transfer, *, deadline: float | None) -> Receipt:
@@ -99,7 +103,9 @@ async def transfer(database: Database, command: Transfer, *, deadline: float | N
         command.idempotency_key,
     )
     async with database.user_locks.hold(command.from_user_id, command.to_user_id):
-        return await _operate(database, sql.TRANSFER, arguments, deadline)
+        return await _operate(
+            database, sql.TRANSFER, arguments, deadline, repeatable=command.idempotency_key is not None
+        )
 
 
 async def reserve(database: Database, command: Reserve, *, deadline: float | None) -> Receipt:
@@ -112,18 +118,18 @@ async def reserve(database: Database, command: Reserve, *, deadline: float | Non
         command.service_name,
     )
     async with database.user_locks.hold(command.user_id):
-        return await _operate(database, sql.RESERVE, arguments, deadline)
+        return await _operate(database, sql.RESERVE, arguments, deadline, repeatable=True)
 
 
 async def release_reserve(database: Database, order_id: int, *, deadline: float | None) -> Receipt:
-    return await _operate(database, sql.RELEASE_RESERVE, (order_id,), deadline)
+    return await _operate(database, sql.RELEASE_RESERVE, (order_id,), deadline, repeatable=True)
 
 
 async def recognize_revenue(database: Database, command: RecognizeRevenue, *, deadline: float | None) -> Receipt:
     arguments = (command.user_id, command.service_id, command.order_id, command.amount)
     # The request names the order's user; if it names another, the ledger refuses it anyway.
     async with database.user_locks.hold(command.user_id):
-        return await _operate(database, sql.RECOGNIZE_REVENUE, arguments, deadline)
+        return await _operate(database, sql.RECOGNIZE_REVENUE, arguments, deadline, repeatable=True)
 
 
 async def get_balance(database: Database, user_id: int, currency: str | None) -> tuple[Account, ...]:
@@ -233,19 +239,21 @@ async def delete_expired_idempotency_keys(database: Database, retention_days: in
         cursor = await connection.execute(sql.DELETE_EXPIRED_IDEMPOTENCY_KEYS, (retention_days,))
         return cursor.rowcount
 
-    return await database.serializable(work, deadline=None)
+    return await database.serializable(work, deadline=None, repeatable=True)
 
 
 async def _operate(
-    database: Database, query: LiteralString, arguments: Sequence[object], deadline: float | None
+    database: Database, query: LiteralString, arguments: Sequence[object], deadline: float | None, *, repeatable: bool
 ) -> Receipt:
+    """Runs one ledger function. `repeatable`: running it twice cannot apply it twice (it is keyed)."""
+
     async def work(connection: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
         cursor = await connection.execute(query, arguments)
         row = await cursor.fetchone()
         assert row is not None, "a ledger function returns exactly one row"
         return tuple(row)
 
-    row = await database.serializable(work, deadline=deadline)
+    row = await database.serializable(work, deadline=deadline, repeatable=repeatable)
     return _receipt(row)
 
 

@@ -31,6 +31,8 @@ REPORT_YEAR_MIN: Final = 2000
 # Serializable transactions.
 RETRY_ATTEMPTS_MAX: Final = 12
 """Attempts of one money operation before the caller gets ABORTED."""
+CONNECTION_LOSSES_MAX: Final = 2
+"""Times a keyed money operation is run again after losing its connection mid-call."""
 RETRY_DELAY_MS_BASE: Final = 2
 RETRY_DELAY_MS_MAX: Final = 200
 

@@ -13,6 +13,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from balance.v1 import (
     info_service_pb2,
     info_service_pb2_grpc,
@@ -21,10 +25,6 @@ from balance.v1 import (
     transaction_service_pb2,
     transaction_service_pb2_grpc,
 )
-from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from balance_server import ledger, limits
 from balance_server.db import migrations
 from balance_server.db.database import Database
@@ -220,6 +220,8 @@ async def _watch_database(database: Database, servicer: health.aio.HealthService
         reachable = await database.ping(timeout_seconds=max(1.0, settings.health_check_interval_seconds))
         if reachable != serving:
             serving = reachable
+            if reachable:
+                await database.renew_connections()
             _log.warning(
                 "database %s: health is now %s",
                 "reachable" if serving else "unreachable",

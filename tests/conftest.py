@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from balance.v1 import info_service_pb2_grpc, report_service_pb2_grpc, transaction_service_pb2_grpc
 from grpc import aio
 
+from balance.v1 import info_service_pb2_grpc, report_service_pb2_grpc, transaction_service_pb2_grpc
 from balance_server import server
 from balance_server.db import migrations
 from balance_server.db.embedded import EmbeddedPostgres

@@ -106,6 +106,11 @@ class Database:
         self.reachable = True
         return True
 
+    async def renew_connections(self) -> None:
+        """Replaces the pools' connections that broke while the database was away."""
+        for pool in (self.writer, self.reader, self.reporter):
+            await pool.check()
+
     async def open(self) -> None:
         for pool in (self.writer, self.reader, self.reporter):
             await pool.open(wait=True, timeout=limits.POOL_WAIT_SECONDS_MAX)
@@ -114,24 +119,37 @@ class Database:
         for pool in (self.reporter, self.reader, self.writer):
             await pool.close()
 
-    async def serializable(self, work: Work[T], *, deadline: float | None) -> T:
+    async def serializable(self, work: Work[T], *, deadline: float | None, repeatable: bool = False) -> T:
         """Runs `work` (one serializable transaction) again after serialization failures and
         deadlocks, with capped, jittered exponential backoff, until it commits, the attempts run
-        out or `deadline` (a time.monotonic() value) would pass; then RetriesExhausted."""
+        out or `deadline` (a time.monotonic() value) would pass; then RetriesExhausted.
+
+        `repeatable` work (keyed by an idempotency key or an order) is also run again on a fresh
+        connection when its connection was lost mid-call: whether or not the lost attempt
+        committed, running it again cannot apply it twice."""
+        connection_losses = 0
         for attempt in range(1, limits.RETRY_ATTEMPTS_MAX + 1):
             try:
                 return await self._run(self.writer, work)
             except _RETRYABLE as conflict:
                 delay = _backoff_seconds(attempt)
-                out_of_time = deadline is not None and time.monotonic() + delay >= deadline
-                if attempt == limits.RETRY_ATTEMPTS_MAX or out_of_time:
+                if attempt == limits.RETRY_ATTEMPTS_MAX or _passes(deadline, delay):
                     _log.warning("serialization conflicts after %d attempts: %s", attempt, conflict.sqlstate)
                     raise RetriesExhausted(
                         f"the operation conflicted with concurrent ones {attempt} times; nothing was applied",
                         metadata={"attempts": str(attempt)},
                     ) from conflict
-                # Sleeping with the connection back in the pool: others can use it meanwhile.
-                await asyncio.sleep(delay)
+            except DatabaseUnavailable as unavailable:
+                lost = isinstance(unavailable.__cause__, psycopg.OperationalError)
+                connection_losses += 1
+                delay = _backoff_seconds(attempt)
+                if not (repeatable and lost) or connection_losses > limits.CONNECTION_LOSSES_MAX:
+                    raise
+                if attempt == limits.RETRY_ATTEMPTS_MAX or _passes(deadline, delay):
+                    raise
+                _log.warning("connection lost mid-call; running the keyed operation again")
+            # Sleeping with the connection back in the pool: others can use it meanwhile.
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
     async def read(self, work: Work[T]) -> T:
@@ -161,6 +179,10 @@ class Database:
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as unreachable:
             _log.warning("database unavailable: %s", type(unreachable).__name__)
             raise DatabaseUnavailable("the database is unavailable; retry later") from unreachable
+
+
+def _passes(deadline: float | None, delay: float) -> bool:
+    return deadline is not None and time.monotonic() + delay >= deadline
 
 
 def _backoff_seconds(attempt: int) -> float:

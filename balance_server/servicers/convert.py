@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from balance.v1 import types_pb2
 from google.protobuf import timestamp_pb2
 
+from balance.v1 import types_pb2
 from balance_server import models
 from balance_server.money import Currencies
 

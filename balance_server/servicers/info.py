@@ -6,10 +6,10 @@ import contextlib
 import uuid
 from typing import Any
 
-from balance.v1 import info_service_pb2 as pb
-from balance.v1 import info_service_pb2_grpc as pb_grpc
 from grpc import aio
 
+from balance.v1 import info_service_pb2 as pb
+from balance.v1 import info_service_pb2_grpc as pb_grpc
 from balance_server import ledger, limits, pagination
 from balance_server.db.database import Database
 from balance_server.models import SortField

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from balance.v1 import report_service_pb2 as pb
-from balance.v1 import report_service_pb2_grpc as pb_grpc
 from grpc import aio
 
+from balance.v1 import report_service_pb2 as pb
+from balance.v1 import report_service_pb2_grpc as pb_grpc
 from balance_server import limits, reports
 from balance_server.db.database import Database
 from balance_server.money import Currencies

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from balance.v1 import transaction_service_pb2 as pb
-from balance.v1 import transaction_service_pb2_grpc as pb_grpc
 from grpc import aio
 
+from balance.v1 import transaction_service_pb2 as pb
+from balance.v1 import transaction_service_pb2_grpc as pb_grpc
 from balance_server import ledger, limits
 from balance_server.db.database import Database
 from balance_server.models import Receipt

@@ -76,10 +76,9 @@ async def test_storm_of_transfers_reserves_and_releases_keeps_the_books(transact
 
     async def run(kind, request, method):
         outcome = await _outcome(method(request, timeout=CALL_SECONDS_MAX))
-        if kind == "reserve" and not hasattr(outcome, "code"):
-            # Release half of the orders as soon as they are reserved, racing the transfers.
-            if request.order_id % 2 == 0:
-                await transactions.ReleaseReserve(pb.ReleaseReserveRequest(order_id=request.order_id))
+        # Release half of the orders as soon as they are reserved, racing the transfers.
+        if kind == "reserve" and not hasattr(outcome, "code") and request.order_id % 2 == 0:
+            await transactions.ReleaseReserve(pb.ReleaseReserveRequest(order_id=request.order_id))
         return kind, request, outcome
 
     results = await asyncio.gather(*(run(*call) for call in calls))
@@ -89,7 +88,7 @@ async def test_storm_of_transfers_reserves_and_releases_keeps_the_books(transact
     assert acknowledged, "some operations must succeed"
     for _, failure in failed:
         assert failure.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED), failure
-    for request, outcome in acknowledged:
+    for _request, outcome in acknowledged:
         count = await books.value(
             "SELECT count(*) FROM transactions WHERE transaction_id = %s", uuid.UUID(outcome.transaction.transaction_id)
         )

@@ -13,11 +13,11 @@ from decimal import Decimal
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
+
 from balance.v1 import info_service_pb2 as info_pb
 from balance.v1 import transaction_service_pb2 as pb
 from balance.v1 import types_pb2
-from google.protobuf import timestamp_pb2
-
 from tests.rpc import fails
 
 DEPOSIT = types_pb2.TRANSACTION_KIND_DEPOSIT

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+
 from balance.v1 import info_service_pb2 as info_pb
 from balance.v1 import transaction_service_pb2 as pb
 from balance.v1 import types_pb2
-
 from tests.rpc import fails
 
 _REPLAY = ("x-idempotent-replay", "true")
