@@ -3,6 +3,8 @@ request field checks that collect every violation into one INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -52,33 +54,14 @@ GatedServicer = TypeVar("GatedServicer", bound=HasGate)
 def unary_call(
     method: Callable[[GatedServicer, Request, aio.ServicerContext[Request, Response]], Awaitable[Response]],
 ) -> Callable[[GatedServicer, Request, aio.ServicerContext[Request, Response]], Awaitable[Response]]:
-    """Wraps a unary RPC: gate, one log line (method, status, duration), domain errors to statuses."""
+    """Wraps a unary RPC in `_serving`."""
     name = method.__name__
 
     @functools.wraps(method)
     async def call(self: GatedServicer, request: Request, context: aio.ServicerContext[Request, Response]) -> Response:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            self.gate.enter()
-            try:
-                return await method(self, request, context)
-            finally:
-                self.gate.leave()
-        except DomainError as error:
-            code = status.code_of(error)
-            await context.abort_with_status(status.to_status(error))
-            raise AssertionError("abort_with_status raises") from error
-        except Exception as unexpected:
-            if _is_abort(unexpected):
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            code = grpc.StatusCode.INTERNAL
-            _log.exception("%s failed unexpectedly", name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server's log")
-            raise AssertionError("abort raises") from unexpected
-        finally:
-            _log_call(name, code, started)
+        async with _serving(name, self.gate, context):
+            return await method(self, request, context)
+        raise AssertionError("unreachable: _serving re-raises or aborts")
 
     return call
 
@@ -86,36 +69,49 @@ def unary_call(
 def stream_call(
     method: Callable[[GatedServicer, Request, aio.ServicerContext[Request, Response]], AsyncIterator[Response]],
 ) -> Callable[[GatedServicer, Request, aio.ServicerContext[Request, Response]], AsyncIterator[Response]]:
-    """The same as unary_call for a server-streaming RPC."""
+    """Wraps a server-streaming RPC in `_serving`."""
     name = method.__name__
 
     @functools.wraps(method)
     async def call(
         self: GatedServicer, request: Request, context: aio.ServicerContext[Request, Response]
     ) -> AsyncIterator[Response]:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            self.gate.enter()
-            try:
-                async for response in method(self, request, context):
-                    yield response
-            finally:
-                self.gate.leave()
-        except DomainError as error:
-            code = status.code_of(error)
-            await context.abort_with_status(status.to_status(error))
-        except Exception as unexpected:
-            if _is_abort(unexpected):
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            code = grpc.StatusCode.INTERNAL
-            _log.exception("%s failed unexpectedly", name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server's log")
-        finally:
-            _log_call(name, code, started)
+        async with _serving(name, self.gate, context):
+            async for response in method(self, request, context):
+                yield response
 
     return call
+
+
+@contextlib.asynccontextmanager
+async def _serving(name: str, gate: CallGate, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    """What every call gets: the in-flight gate, domain errors turned into statuses (anything else
+    into INTERNAL, logged with its traceback), and one log line with method, status and duration."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        gate.enter()
+        try:
+            yield
+        finally:
+            gate.leave()
+    except DomainError as error:
+        code = status.code_of(error)
+        await context.abort_with_status(status.to_status(error))
+    except (asyncio.CancelledError, GeneratorExit):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        raise
+    except Exception as unexpected:
+        if _is_abort(unexpected):
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        code = grpc.StatusCode.INTERNAL
+        _log.exception("%s failed unexpectedly", name)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server's log")
+    finally:
+        _log_call(name, code, started)
 
 
 def _is_abort(error: BaseException) -> bool:
