@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -72,7 +73,11 @@ def build_parser(environment: dict[str, str]) -> argparse.ArgumentParser:
     for option in _OPTIONS:
         default = getattr(_DEFAULTS, option.field)
         if option.environment_variable in environment:
-            default = option.parse(environment[option.environment_variable])
+            text = environment[option.environment_variable]
+            try:
+                default = option.parse(text)
+            except ValueError:
+                parser.error(f"{option.environment_variable}={text!r} is not a valid value for {option.flag}")
         parser.add_argument(
             option.flag,
             dest=option.field,
@@ -99,6 +104,16 @@ def _check(settings: Settings) -> None:
         problems.append("--read-pool-max-size and --report-pool-max-size must be at least 1")
     if settings.workers < 1:
         problems.append("--workers must be at least 1")
+    if settings.db_connect_attempts < 1:
+        problems.append("--db-connect-attempts must be at least 1")
+    if not (
+        0 < settings.db_connect_interval_seconds < math.inf and 0 < settings.health_check_interval_seconds < math.inf
+    ):
+        problems.append("--db-connect-interval and --health-check-interval must be positive numbers of seconds")
+    if not 0 <= settings.shutdown_grace_seconds < math.inf:
+        problems.append("--shutdown-grace must be zero or a positive number of seconds")
+    if settings.idempotency_key_retention_days < 0:
+        problems.append("--idempotency-key-retention-days must not be negative (0 keeps keys forever)")
     if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("--log-level must be DEBUG, INFO, WARNING or ERROR")
     if problems:

@@ -79,6 +79,8 @@ def decode(token: str, query: HistoryQuery) -> Position:
         if hashlib.sha256(payload).digest()[:6] != checksum:
             raise ValueError("checksum")
         version, fingerprint, value, transaction_hex = json.loads(payload)
+        if not isinstance(transaction_hex, str):
+            raise ValueError("content")
         transaction_id = uuid.UUID(hex=transaction_hex)
         if version != _TOKEN_VERSION or type(value) is not int:
             raise ValueError("content")
