@@ -54,6 +54,7 @@ _OPTIONS = (
         int,
         "delete idempotency keys older than this many days (0 keeps them forever)",
     ),
+    _Option("max_calls_in_flight", "--max-calls-in-flight", int, "calls served at once before RESOURCE_EXHAUSTED"),
     _Option("workers", "--workers", int, "server processes sharing the port (SO_REUSEPORT)"),
 )
 
@@ -102,6 +103,8 @@ def _check(settings: Settings) -> None:
         problems.append("--pool-max-size must be at least --pool-min-size, which must be at least 1")
     if settings.read_pool_max_size < 1 or settings.report_pool_max_size < 1:
         problems.append("--read-pool-max-size and --report-pool-max-size must be at least 1")
+    if settings.max_calls_in_flight < 1:
+        problems.append("--max-calls-in-flight must be at least 1")
     if settings.workers < 1:
         problems.append("--workers must be at least 1")
     if settings.db_connect_attempts < 1:

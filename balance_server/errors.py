@@ -89,6 +89,10 @@ class Overloaded(DomainError):
     reason = "TOO_MANY_CALLS"
 
 
+class ReportsBusy(DomainError):
+    reason = "REPORTS_BUSY"
+
+
 # Errors the ledger's SQL functions return, by the reason they return them with.
 LEDGER_ERRORS: Mapping[str, type[DomainError]] = {
     error.reason: error

@@ -41,5 +41,7 @@ MESSAGE_BYTES_MAX: Final = 1024 * 1024
 """Largest request and response message."""
 CALLS_IN_FLIGHT_MAX: Final = 512
 """Calls served at once; the next one is refused with RESOURCE_EXHAUSTED instead of queueing."""
+POOL_WAITERS_MAX: Final = 256
+"""Calls waiting for a connection of one pool; the next is refused with RESOURCE_EXHAUSTED."""
 POOL_WAIT_SECONDS_MAX: Final = 5.0
 """How long a call waits for a database connection before it fails with UNAVAILABLE."""

@@ -111,7 +111,7 @@ async def start(
     database = Database(dsn, settings)
     await database.open()
     currencies = Currencies(await ledger.load_currencies(database), settings.default_currency)
-    gate = CallGate()
+    gate = CallGate(settings.max_calls_in_flight)
     server = aio.server(
         interceptors=list(interceptors),
         options=[

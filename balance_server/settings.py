@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from balance_server import limits
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -30,4 +32,6 @@ class Settings:
     health_check_interval_seconds: float = 1.0
     idempotency_key_retention_days: int = 0
     """0 keeps idempotency keys forever; N deletes keys older than N days."""
+    max_calls_in_flight: int = limits.CALLS_IN_FLIGHT_MAX
+    """Calls one server process serves at once; the next is refused with RESOURCE_EXHAUSTED."""
     workers: int = 1

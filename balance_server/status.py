@@ -28,6 +28,7 @@ GRPC_CODES: Mapping[type[errors.DomainError], grpc.StatusCode] = {
     errors.RetriesExhausted: grpc.StatusCode.ABORTED,
     errors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ReportsBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 # google.rpc.Code numbers, which equal gRPC's status code numbers.

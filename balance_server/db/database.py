@@ -17,7 +17,13 @@ from psycopg import errors as pg_errors
 from balance_server import limits
 from balance_server.db import sql
 from balance_server.db.locks import UserLocks
-from balance_server.errors import BalanceLimitExceeded, DatabaseUnavailable, RetriesExhausted
+from balance_server.errors import (
+    BalanceLimitExceeded,
+    DatabaseUnavailable,
+    Overloaded,
+    ReportsBusy,
+    RetriesExhausted,
+)
 from balance_server.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -64,6 +70,7 @@ class Database:
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
             timeout=limits.POOL_WAIT_SECONDS_MAX,
+            max_waiting=limits.POOL_WAITERS_MAX,
             configure=_configure_writer,
             open=False,
             name="writer",
@@ -73,6 +80,7 @@ class Database:
             min_size=1,
             max_size=settings.read_pool_max_size,
             timeout=limits.POOL_WAIT_SECONDS_MAX,
+            max_waiting=limits.POOL_WAITERS_MAX,
             configure=_configure_reader,
             open=False,
             name="reader",
@@ -160,7 +168,15 @@ class Database:
             return await work(connection)
 
     def report_connection(self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
-        """A connection in a SERIALIZABLE READ ONLY DEFERRABLE transaction, for one report."""
+        """A connection in a SERIALIZABLE READ ONLY DEFERRABLE transaction, for one report.
+        ReportsBusy at once when every report connection is downloading: a download can last
+        minutes, so waiting for one to finish would only turn into a timeout."""
+        stats = self.reporter.get_stats()
+        if stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= self.reporter.max_size:
+            raise ReportsBusy(
+                f"all {self.reporter.max_size} report connections are busy; retry when a download ends",
+                metadata={"report_connections": str(self.reporter.max_size)},
+            )
         return self._connection(self.reporter)
 
     @contextlib.asynccontextmanager
@@ -172,6 +188,8 @@ class Database:
                 yield connection
         except _RETRYABLE:
             raise
+        except psycopg_pool.TooManyRequests as crowded:
+            raise Overloaded("too many calls are waiting for a database connection; retry shortly") from crowded
         except pg_errors.NumericValueOutOfRange as overflow:
             raise BalanceLimitExceeded(
                 "the operation would take a balance beyond what the ledger can hold"

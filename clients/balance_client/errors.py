@@ -194,6 +194,12 @@ class TooManyCalls(ResourceExhausted):
     REASON = "TOO_MANY_CALLS"
 
 
+class ReportsBusy(ResourceExhausted):
+    """Every report connection of the server is downloading: retry when a download ends."""
+
+    REASON = "REPORTS_BUSY"
+
+
 class DeadlineExceeded(BalanceError):
     """The call's deadline passed before an answer came (a money operation may have been applied:
     repeat it with the same idempotency key to learn its outcome)."""
@@ -244,6 +250,7 @@ REASON_CLASSES: Mapping[str, type[BalanceError]] = {
         RetriesExhausted,
         DatabaseUnavailable,
         TooManyCalls,
+        ReportsBusy,
     )
 }
 """The class of each reason the server sends (the README's error table)."""

@@ -602,3 +602,23 @@ async def test_cancelled_download_is_logged_as_cancelled(reports, books, running
             break
         await asyncio.sleep(0.01)
     assert [line.split()[1] for line in logged] == ["CANCELLED"]
+
+
+async def test_downloads_beyond_the_report_connections_are_refused_at_once(reports, books, running, new_id):
+    """With every report connection streaming, one more download is RESOURCE_EXHAUSTED (REPORTS_BUSY)
+    at once instead of waiting; once one ends, downloads are served again."""
+    user = new_id()
+    await _user_with_deposits(books, user, _LONG_DOWNLOAD_ROWS)
+    size = running.database.reporter.max_size
+    streaming = [reports.ExportTransactions(pb.ExportTransactionsRequest(user_id=user)) for _ in range(size)]
+    for call in streaming:
+        await call.read()
+    started = time.monotonic()
+    failure = await fails(_statement(reports, user_id=user))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "REPORTS_BUSY")
+    assert time.monotonic() - started < 1
+    for call in streaming:
+        call.cancel()
+    assert await _report_work_stopped_within(running, books, _STOP_SECONDS_MAX) < _STOP_SECONDS_MAX
+    again = await _statement(reports, user_id=user, kinds=[types_pb2.TRANSACTION_KIND_WITHDRAWAL])
+    assert again.text == STATEMENT_HEADER
