@@ -12,7 +12,6 @@ from typing import Any, LiteralString
 
 import psycopg
 
-from balance_server import pagination
 from balance_server.db import sql
 from balance_server.db.database import Database, Work
 from balance_server.errors import AccountNotFound, OrderNotFound, TransactionNotFound, ledger_error
@@ -210,12 +209,7 @@ async def list_transactions(database: Database, query: HistoryQuery, after: Posi
             f"user {query.user_id} has no accounts: they are created by the first deposit",
             metadata={"user_id": str(query.user_id)},
         )
-    next_token = ""
-    if len(rows) > query.page_size:
-        last = transactions[-1]
-        value = last.created_at if query.sort_by is SortField.DATE else last.amount
-        next_token = pagination.encode(query, Position(value, last.transaction_id))
-    return TransactionPage(transactions, next_token)
+    return TransactionPage(transactions, more=len(rows) > query.page_size)
 
 
 async def user_has_accounts(database: Database, user_id: int) -> bool:

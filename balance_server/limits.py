@@ -15,12 +15,14 @@ IDEMPOTENCY_KEY_LENGTH_MAX: Final = 128
 MEMO_LENGTH_MAX: Final = 500
 """Deposit source, withdrawal destination and transfer comment, in characters."""
 SERVICE_NAME_LENGTH_MAX: Final = 200
-TRANSACTION_ID_LENGTH_MAX: Final = 64
 
 # Listing.
 PAGE_SIZE_DEFAULT: Final = 50
 PAGE_SIZE_MAX: Final = 1000
 PAGE_TOKEN_LENGTH_MAX: Final = 512
+PAGE_BYTES_MAX: Final = 1024 * 1024 - 64 * 1024
+"""A page of history also ends before its transactions pass this many bytes, so that it fits in
+one message (MESSAGE_BYTES_MAX) with room to spare."""
 TRANSACTION_KINDS_FILTER_MAX: Final = 16
 
 # Reports.

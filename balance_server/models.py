@@ -85,4 +85,5 @@ class Order:
 @dataclass(frozen=True)
 class TransactionPage:
     transactions: tuple[Transaction, ...]
-    next_page_token: str
+    more: bool
+    """Whether rows follow this page in the query's order."""

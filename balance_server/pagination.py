@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from balance_server import limits
 from balance_server.errors import FieldViolation, InvalidArgument
-from balance_server.models import SortField, TransactionKind
+from balance_server.models import SortField, Transaction, TransactionKind
 
 _TOKEN_VERSION = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -56,6 +56,12 @@ class Position:
 
     value: datetime | int
     transaction_id: uuid.UUID
+
+
+def continue_after(query: HistoryQuery, last: Transaction) -> str:
+    """The token of the page that starts after `last`."""
+    value = last.created_at if query.sort_by is SortField.DATE else last.amount
+    return encode(query, Position(value, last.transaction_id))
 
 
 def encode(query: HistoryQuery, position: Position) -> str:

@@ -19,11 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from balance.v1 import (
     info_service_pb2,
-    info_service_pb2_grpc,
     report_service_pb2,
-    report_service_pb2_grpc,
     transaction_service_pb2,
-    transaction_service_pb2_grpc,
 )
 from balance_server import ledger, limits
 from balance_server.db import migrations
@@ -32,17 +29,19 @@ from balance_server.db.embedded import EmbeddedPostgres
 from balance_server.money import Currencies
 from balance_server.servicers.edge import CallGate
 from balance_server.servicers.info import InfoServicer
+from balance_server.servicers.registry import add_service
 from balance_server.servicers.reports import ReportServicer
 from balance_server.servicers.transactions import TransactionServicer
 from balance_server.settings import Settings
 
 _log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    info_service_pb2.DESCRIPTOR.services_by_name["InfoService"].full_name,
-    transaction_service_pb2.DESCRIPTOR.services_by_name["TransactionService"].full_name,
-    report_service_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
-)
+_SERVICES = {
+    "InfoService": info_service_pb2.DESCRIPTOR.services_by_name["InfoService"],
+    "TransactionService": transaction_service_pb2.DESCRIPTOR.services_by_name["TransactionService"],
+    "ReportService": report_service_pb2.DESCRIPTOR.services_by_name["ReportService"],
+}
+SERVICE_NAMES = tuple(service.full_name for service in _SERVICES.values())
 _WORKER_ENVIRONMENT_FLAG = "BALANCE_INTERNAL_WORKER"
 
 
@@ -122,11 +121,9 @@ async def start(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(database, currencies, gate), server)
-    transaction_service_pb2_grpc.add_TransactionServiceServicer_to_server(
-        TransactionServicer(database, currencies, gate), server
-    )
-    report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(database, currencies, gate), server)
+    add_service(server, InfoServicer(database, currencies, gate), _SERVICES["InfoService"])
+    add_service(server, TransactionServicer(database, currencies, gate), _SERVICES["TransactionService"])
+    add_service(server, ReportServicer(database, currencies, gate), _SERVICES["ReportService"])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

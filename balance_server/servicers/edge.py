@@ -20,6 +20,7 @@ from grpc import aio
 from balance_server import limits, money, status
 from balance_server.errors import DomainError, FieldViolation, InvalidArgument, Overloaded
 from balance_server.models import TransactionKind
+from balance_server.servicers.registry import MalformedRequest
 
 _log = logging.getLogger("balance_server.calls")
 
@@ -60,6 +61,7 @@ def unary_call(
     @functools.wraps(method)
     async def call(self: GatedServicer, request: Request, context: aio.ServicerContext[Request, Response]) -> Response:
         async with _serving(name, self.gate, context):
+            _check_parsed(request)
             return await method(self, request, context)
         raise AssertionError("unreachable: _serving re-raises or aborts")
 
@@ -77,6 +79,7 @@ def stream_call(
         self: GatedServicer, request: Request, context: aio.ServicerContext[Request, Response]
     ) -> AsyncIterator[Response]:
         async with _serving(name, self.gate, context):
+            _check_parsed(request)
             async for response in method(self, request, context):
                 yield response
 
@@ -112,6 +115,12 @@ async def _serving(name: str, gate: CallGate, context: aio.ServicerContext[Any, 
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server's log")
     finally:
         _log_call(name, code, started)
+
+
+def _check_parsed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        violation = FieldViolation("request", f"the request is not a valid message of this method: {request.problem}")
+        raise InvalidArgument([violation], reason="MALFORMED_REQUEST")
 
 
 def _is_abort(error: BaseException) -> bool:

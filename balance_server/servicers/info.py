@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import re
 import uuid
 from typing import Any
 
@@ -10,6 +10,7 @@ from grpc import aio
 
 from balance.v1 import info_service_pb2 as pb
 from balance.v1 import info_service_pb2_grpc as pb_grpc
+from balance.v1 import types_pb2
 from balance_server import ledger, limits, pagination
 from balance_server.db.database import Database
 from balance_server.models import SortField
@@ -25,6 +26,9 @@ _SORT_FIELDS = {
     pb.SORT_FIELD_DATE: SortField.DATE,
     pb.SORT_FIELD_AMOUNT: SortField.AMOUNT,
 }
+# The form transactions are given in; uuid.UUID() alone also takes braces, "urn:uuid:" and more.
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_REPEATED_FIELD_OVERHEAD_BYTES = 8  # a field tag and length prefix per transaction, rounded up
 _DESCENDING = {pb.SORT_ORDER_UNSPECIFIED: True, pb.SORT_ORDER_DESC: True, pb.SORT_ORDER_ASC: False}
 
 
@@ -50,19 +54,27 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         query = self._history_query(request)
         after = pagination.decode(request.page_token, query) if request.page_token else None
         page = await ledger.list_transactions(self.database, query, after)
-        return pb.ListTransactionsResponse(
-            transactions=[convert.transaction(transaction, self.currencies) for transaction in page.transactions],
-            next_page_token=page.next_page_token,
-        )
+        # A page also ends where its bytes would pass the message limit: a thousand transactions
+        # with long comments do not fit in one message.
+        messages: list[types_pb2.Transaction] = []
+        size, more = 0, page.more
+        for transaction in page.transactions:
+            message = convert.transaction(transaction, self.currencies)
+            size += message.ByteSize() + _REPEATED_FIELD_OVERHEAD_BYTES
+            if size > limits.PAGE_BYTES_MAX and messages:
+                more = True
+                break
+            messages.append(message)
+        next_page_token = pagination.continue_after(query, page.transactions[len(messages) - 1]) if more else ""
+        return pb.ListTransactionsResponse(transactions=messages, next_page_token=next_page_token)
 
     @unary_call
     async def GetTransaction(self, request: pb.GetTransactionRequest, context: Context) -> pb.GetTransactionResponse:
         fields = Fields()
         transaction_id = None
-        if len(request.transaction_id) <= limits.TRANSACTION_ID_LENGTH_MAX:
-            with contextlib.suppress(ValueError):
-                transaction_id = uuid.UUID(request.transaction_id)
-        if transaction_id is None:
+        if _CANONICAL_UUID.fullmatch(request.transaction_id):
+            transaction_id = uuid.UUID(request.transaction_id)
+        else:
             fields.add("transaction_id", "transaction_id must be a UUID such as 0b7e6a2c-9c1d-4f1e-8a3b-2d5c7e9f1a2b")
         fields.done()
         assert transaction_id is not None

@@ -73,7 +73,8 @@ def _time_zone(name: str, fields: Fields) -> ZoneInfo | None:
     if len(name) <= _TIME_ZONE_LENGTH_MAX:
         try:
             return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            # OSError: a name of a folder of the time zone database, such as "Europe".
             pass
     fields.add(
         "time_zone", f"time_zone {name[:_TIME_ZONE_LENGTH_MAX]!r} is not an IANA time zone such as Europe/Moscow"

@@ -322,7 +322,7 @@ INVALID_REQUESTS = [
     pytest.param(
         INFO_SERVICE,
         "GetTransaction",
-        info_pb.GetTransactionRequest(transaction_id="0" * (limits.TRANSACTION_ID_LENGTH_MAX + 1)),
+        info_pb.GetTransactionRequest(transaction_id="0" * 37),
         "INVALID_ARGUMENT",
         ["transaction_id"],
         id="GetTransaction-too-long",
