@@ -96,6 +96,12 @@ class InvalidPageToken(InvalidArgument):
     REASON = "INVALID_PAGE_TOKEN"
 
 
+class MalformedRequest(InvalidArgument):
+    """The request's bytes are not a message of the method called (a client built from other protos)."""
+
+    REASON = "MALFORMED_REQUEST"
+
+
 class NotFound(BalanceError):
     CODE = grpc.StatusCode.NOT_FOUND
 
@@ -237,6 +243,7 @@ REASON_CLASSES: Mapping[str, type[BalanceError]] = {
         InvalidAmount,
         UnknownCurrency,
         InvalidPageToken,
+        MalformedRequest,
         AccountNotFound,
         OrderNotFound,
         TransactionNotFound,
