@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 from datetime import datetime
 
 from google.protobuf import timestamp_pb2
@@ -33,9 +34,10 @@ ORDER_STATUSES = {
 
 
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(moment)
-    return message
+    # Built from the POSIX time directly: Timestamp.FromDatetime is pure Python and several times
+    # slower, and every response carries a few timestamps.
+    seconds = calendar.timegm(moment.utctimetuple()) if moment.tzinfo is None else int(moment.timestamp() // 1)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=moment.microsecond * 1000)
 
 
 def account(value: models.Account, currencies: Currencies) -> types_pb2.Account:
