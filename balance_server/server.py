@@ -60,6 +60,9 @@ class Running:
         # Health first, so load balancers stop sending calls; then refuse new calls and let
         # in-flight ones finish within the grace period; then close the pools.
         await self.health.enter_graceful_shutdown()
+        # One turn of the event loop lets a health watcher send NOT_SERVING before the server
+        # starts refusing new calls; without it a client could see a refusal before NOT_SERVING.
+        await asyncio.sleep(0)
         await self.server.stop(grace_seconds)
         for task in self.background:
             task.cancel()
