@@ -20,10 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,15 +34,15 @@ from typing import Any, Final
 
 import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from balance.v1 import report_service_pb2, report_service_pb2_grpc
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY))
+# The repository root, so that `bench` imports as a package when this file runs as a script.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from balance_server.db import migrations  # noqa: E402  (after the repository is importable)
-from balance_server.db.embedded import EmbeddedPostgres  # noqa: E402
+from balance_server.db import migrations
+from balance_server.db.embedded import EmbeddedPostgres
+from bench._common import REPOSITORY, progress, rss_kb, running_server
 
 RESULTS_PATH: Final = REPOSITORY / "bench" / "results" / "reports.json"
 
@@ -56,8 +53,6 @@ RSS_GROWTH_MB_TARGET: Final = 50.0
 
 DOWNLOADS_PER_REPORT: Final = 3
 RSS_SAMPLE_INTERVAL_SECONDS: Final = 0.01
-SERVER_START_SECONDS_MAX: Final = 60.0
-SERVER_STOP_SECONDS_MAX: Final = 30.0
 DOWNLOAD_SECONDS_MAX: Final = 300.0
 LOAD_BATCH_ROWS: Final = 250_000
 """Revenue rows per INSERT: each statement's entries are checked for balance as one set."""
@@ -70,7 +65,6 @@ MONTH_SECONDS: Final = 31 * 24 * 3600
 STATEMENT_USER_ID: Final = 1
 REVENUE_USER_ID_FIRST: Final = 1_000_000
 REVENUE_USERS: Final = 50_000
-BYTES_PER_MB: Final = 1024 * 1024
 
 
 @dataclass
@@ -178,35 +172,35 @@ def load(dsn: str, *, revenue_rows: int, services: int, statement_rows: int) -> 
             with connection.transaction():
                 connection.execute(INSERT_REVENUE, batch)
                 connection.execute(INSERT_REVENUE_ENTRIES, batch)
-            _progress(f"revenue rows {last:,} of {revenue_rows:,}")
+            progress(f"revenue rows {last:,} of {revenue_rows:,}")
         statement = {"user": STATEMENT_USER_ID, "rows": statement_rows}
         with connection.transaction():
             connection.execute(INSERT_STATEMENT_ACCOUNTS, statement)
             connection.execute(INSERT_STATEMENT_DEPOSITS, statement)
             connection.execute(INSERT_STATEMENT_ENTRIES, statement)
             connection.execute(UPDATE_STATEMENT_BALANCE, statement)
-        _progress(f"statement rows {statement_rows:,}")
+        progress(f"statement rows {statement_rows:,}")
         connection.execute("ANALYZE")
     return time.perf_counter() - started
 
 
-# The server and its memory.
+# The server's memory.
 
 
 class RssSampler:
     """Samples a process's resident set size every RSS_SAMPLE_INTERVAL_SECONDS in a thread."""
 
     def __init__(self, pid: int) -> None:
-        self.path = Path(f"/proc/{pid}/status")
+        self.pid = pid
         self.peak_kb = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def current_kb(self) -> int:
-        for line in self.path.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no VmRSS in {self.path}")
+        current = rss_kb(self.pid)
+        if current == 0:
+            raise RuntimeError(f"process {self.pid} is gone")
+        return current
 
     def __enter__(self) -> RssSampler:
         self.peak_kb = self.current_kb()
@@ -221,49 +215,6 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stopping.wait(RSS_SAMPLE_INTERVAL_SECONDS):
             self.peak_kb = max(self.peak_kb, self.current_kb())
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_server(dsn: str, log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], grpc.Channel]]:
-    """The real server in a subprocess, and a channel to it once its health check says SERVING."""
-    port = _free_port()
-    command = [sys.executable, "-m", "balance_server", "serve", "--dsn", dsn, "--listen", f"127.0.0.1:{port}"]
-    command += ["--log-level", "WARNING"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPOSITORY, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_until_serving(channel, process, log_path)
-            yield process, channel
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=SERVER_STOP_SECONDS_MAX)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_until_serving(channel: grpc.Channel, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + SERVER_START_SECONDS_MAX
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"the server did not serve within {SERVER_START_SECONDS_MAX} s:\n{log_path.read_text()}")
 
 
 # Downloads.
@@ -291,7 +242,7 @@ def measure(name: str, start_download: Download, pid: int, seconds_target: float
         measurement.rows, measurement.bytes, measurement.chunks = int(trailing["x-row-count"]), size, chunks
         measurement.baseline_rss_mb.append(baseline_kb / 1024)
         measurement.peak_rss_growth_mb.append((sampler.peak_kb - baseline_kb) / 1024)
-        _progress(f"{name}: {measurement.seconds[-1]:.3f} s")
+        progress(f"{name}: {measurement.seconds[-1]:.3f} s")
     return measurement
 
 
@@ -357,10 +308,6 @@ def write_results(arguments: argparse.Namespace, load_seconds: float, measuremen
     print(f"figures written to {RESULTS_PATH.relative_to(REPOSITORY)}")
 
 
-def _progress(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
-
-
 # Lifecycle.
 
 
@@ -403,16 +350,19 @@ def main() -> int:
         scratch = Path(scratch_name)
         with fresh_database(arguments.dsn, scratch) as dsn:
             asyncio.run(migrations.migrate(dsn))
-            _progress("loading")
+            progress("loading")
             load_seconds = load(
                 dsn,
                 revenue_rows=arguments.revenue_rows,
                 services=arguments.services,
                 statement_rows=arguments.statement_rows,
             )
-            _progress(f"loaded in {load_seconds:.1f} s; starting the server")
-            with running_server(dsn, scratch / "server.log") as (process, channel):
-                measurements = run_downloads(channel, process.pid)
+            progress(f"loaded in {load_seconds:.1f} s; starting the server")
+            with (
+                running_server(dsn, scratch / "server.log") as server,
+                grpc.insecure_channel(server.target) as channel,
+            ):
+                measurements = run_downloads(channel, server.pid)
     print(
         f"\nreports over {arguments.revenue_rows:,} revenue rows ({arguments.services:,} services) and a statement"
         f" of {arguments.statement_rows:,} rows; {DOWNLOADS_PER_REPORT} downloads each; data loaded in"
