@@ -218,11 +218,16 @@ async def user_has_accounts(database: Database, user_id: int) -> bool:
 
 
 def _before_first(query: HistoryQuery) -> Position:
-    """A keyset position before every row in the query's order."""
+    """A keyset position before every row in the query's order. In date order it also holds the
+    time bound the scan starts from (see sql._history_page): newest first, (to_time, the least id)
+    comes after every row created before to_time; oldest first, (from_time, the least id) comes
+    before every row created at or after from_time (no transaction has the nil UUID)."""
     if query.sort_by is SortField.DATE:
         if query.descending:
+            if query.to_time is not None:
+                return Position(query.to_time, _UUID_MIN)
             return Position(datetime.max.replace(tzinfo=UTC), _UUID_MAX)
-        return Position(datetime.min.replace(tzinfo=UTC), _UUID_MIN)
+        return Position(query.from_time or datetime.min.replace(tzinfo=UTC), _UUID_MIN)
     if query.descending:
         return Position(_AMOUNT_BEYOND_ANY, _UUID_MAX)
     return Position(0, _UUID_MIN)

@@ -43,6 +43,10 @@ MESSAGE_BYTES_MAX: Final = 1024 * 1024
 """Largest request and response message."""
 CALLS_IN_FLIGHT_MAX: Final = 512
 """Calls served at once; the next one is refused with RESOURCE_EXHAUSTED instead of queueing."""
+HEALTH_PING_SECONDS_MAX: Final = 2.0
+"""How long a health ping of the database may take before it counts as failed."""
+HEALTH_PING_FAILURES_MAX: Final = 3
+"""Failed pings in a row that make health NOT_SERVING and calls fail fast with UNAVAILABLE."""
 POOL_WAITERS_MAX: Final = 256
 """Calls waiting for a connection of one pool; the next is refused with RESOURCE_EXHAUSTED."""
 POOL_WAIT_SECONDS_MAX: Final = 5.0

@@ -213,15 +213,20 @@ async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> 
 
 
 async def _watch_database(database: Database, servicer: health.aio.HealthServicer, settings: Settings) -> None:
-    """Pings the database; health is NOT_SERVING while it is unreachable and SERVING once it is back."""
-    serving = True
+    """Pings the database: after HEALTH_PING_FAILURES_MAX failed pings in a row, health is
+    NOT_SERVING and calls fail at once with UNAVAILABLE; the first ping that passes brings both back.
+    One slow ping is not an outage: on saturated cores a ping can miss its time limit."""
+    serving, failures = True, 0
     while True:
         await asyncio.sleep(settings.health_check_interval_seconds)
-        reachable = await database.ping(timeout_seconds=max(1.0, settings.health_check_interval_seconds))
+        answered = await database.ping(timeout_seconds=limits.HEALTH_PING_SECONDS_MAX)
+        failures = 0 if answered else failures + 1
+        reachable = failures < limits.HEALTH_PING_FAILURES_MAX
         if reachable != serving:
             serving = reachable
             if reachable:
                 await database.renew_connections()
+            database.reachable = reachable
             _log.warning(
                 "database %s: health is now %s",
                 "reachable" if serving else "unreachable",

@@ -109,9 +109,7 @@ class Database:
                 async with connection:
                     await connection.execute(sql.PING)
         except (psycopg.Error, OSError, TimeoutError):
-            self.reachable = False
             return False
-        self.reachable = True
         return True
 
     async def renew_connections(self) -> None:
