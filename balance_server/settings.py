@@ -35,3 +35,5 @@ class Settings:
     max_calls_in_flight: int = limits.CALLS_IN_FLIGHT_MAX
     """Calls one server process serves at once; the next is refused with RESOURCE_EXHAUSTED."""
     workers: int = 1
+    event_loop: str = "uvloop"
+    """The asyncio event loop implementation: "uvloop" or "asyncio" (the standard library's)."""

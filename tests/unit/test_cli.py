@@ -33,6 +33,8 @@ OPTIONS = [
         30,
     ),
     ("--workers", "BALANCE_WORKERS", "4", "workers", 4),
+    ("--max-calls-in-flight", "BALANCE_MAX_CALLS_IN_FLIGHT", "64", "max_calls_in_flight", 64),
+    ("--event-loop", "BALANCE_EVENT_LOOP", "AsyncIO", "event_loop", "asyncio"),
 ]
 OPTION_IDS = [option[0] for option in OPTIONS]
 
@@ -108,6 +110,8 @@ def test_an_empty_dsn_means_the_embedded_database():
         ["--workers", "0"],
         ["--workers", "-1"],
         ["--log-level", "verbose"],
+        ["--event-loop", "trio"],
+        ["--max-calls-in-flight", "0"],
         ["--shutdown-grace", "soon"],
         ["--db-connect-attempts", "1.5"],
         ["--unknown-flag", "1"],
